@@ -1,0 +1,52 @@
+"""Build the Dask client a run talks to, from the ``cluster`` section."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+from .config import ClusterConfig
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def connect(config: ClusterConfig) -> Iterator[Client]:
+    """A client to a new local cluster (loopback only) or an existing scheduler."""
+    if config.type == "address":
+        try:
+            client = Client(config.address, timeout="10s")
+        except OSError as e:
+            raise ConfigError(
+                f"no Dask scheduler answers at {config.address}: {e}",
+                "cluster.address",
+                "start the scheduler or fix the address",
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    with LocalCluster(
+        n_workers=config.n_workers,
+        threads_per_worker=config.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=config.dashboard_address,
+        silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def torch_threads(config: ClusterConfig) -> int:
+    """Torch threads per worker task on the CPU: the worker's share of the cores."""
+    if config.type != "local":
+        return config.threads_per_worker
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = (cores or 1) // (config.n_workers * config.threads_per_worker)
+    return max(1, share)

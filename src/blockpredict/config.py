@@ -1,0 +1,236 @@
+"""The workflow schema: what a user writes in YAML (or passes from Python).
+
+Unknown keys are errors with a "did you mean" hint; relative paths are
+resolved against the workflow file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scaling(Strict):
+    """Explicit normalization: ``value * scale + shift``."""
+
+    scale: float
+    shift: float = 0.0
+
+
+class InputConfig(Strict):
+    container: Path
+    dataset: str
+    normalize: Literal["auto", "none"] | Scaling = "auto"
+
+
+class UNetConfig(Strict):
+    input_shape: list[int]
+    eval_shape_increase: list[int] | None = None
+    fmaps_in: int = 1
+    num_fmaps: int = 12
+    fmaps_out: int | None = None
+    fmap_inc_factor: int = 2
+    downsample_factors: list[list[int]] = Field(default_factory=list)
+    kernel_size_down: list[list[list[int]]] | None = None
+    kernel_size_up: list[list[list[int]]] | None = None
+    upsample_factors: list[list[int]] | None = None
+    padding: Literal["valid", "same"] = "valid"
+    batch_norm: bool = False
+
+
+class HeadConfig(Strict):
+    out_channels: int
+    kernel_size: int = 1
+
+
+class ModelConfig(Strict):
+    """One of ``unet``, ``torchscript``, ``exported`` or ``factory``."""
+
+    unet: UNetConfig | None = None
+    head: HeadConfig | None = None
+    torchscript: Path | None = None
+    exported: Path | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = None
+    input_shape: list[int] | None = None
+    eval_shape_increase: list[int] | None = None
+    num_in_channels: int | None = None
+    num_out_channels: int | None = None
+    scale: int | list[int] = 1
+    eval_activation: Literal["sigmoid", "softmax", "tanh"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        sources = [k for k in ("unet", "torchscript", "exported", "factory") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError(
+                "give exactly one of unet, torchscript, exported, factory"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        if self.unet is not None and self.head is None:
+            raise ValueError("unet needs a head: {out_channels, kernel_size}")
+        if self.torchscript or self.exported:
+            missing = [
+                k
+                for k in ("input_shape", "num_in_channels", "num_out_channels")
+                if getattr(self, k) is None
+            ]
+            if missing:
+                raise ValueError(f"declare {', '.join(missing)} for a torchscript/exported model")
+        return self
+
+
+class RoiConfig(Strict):
+    """A region in world units."""
+
+    offset: list[int]
+    shape: list[int]
+
+
+class OutputConfig(Strict):
+    container: Path
+    dataset: str = "predictions"
+    roi: RoiConfig | None = None
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    border: Literal["valid", "pad"] = "valid"
+    overwrite: bool = False
+
+
+class ClusterConfig(Strict):
+    type: Literal["local", "address"] = "local"
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    address: str | None = None
+    dashboard_address: str = "127.0.0.1:8787"
+
+    @model_validator(mode="after")
+    def _address(self) -> ClusterConfig:
+        if self.type == "address" and not self.address:
+            raise ValueError("cluster type 'address' needs address: tcp://host:port")
+        return self
+
+
+class ExecutionConfig(Strict):
+    max_retries: int = Field(2, ge=0)
+
+
+class Workflow(Strict):
+    input: InputConfig
+    model: ModelConfig
+    output: OutputConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    def resolved(self, base: Path) -> Workflow:
+        """A copy with relative paths made absolute against ``base``."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+
+        model = self.model.model_copy(
+            update={
+                k: fix(getattr(self.model, k))
+                for k in ("torchscript", "exported", "checkpoint")
+            }
+        )
+        return self.model_copy(
+            update={
+                "input": self.input.model_copy(update={"container": fix(self.input.container)}),
+                "output": self.output.model_copy(
+                    update={"container": fix(self.output.container)}
+                ),
+                "model": model,
+            }
+        )
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workflow:
+    """Read, override (``key.sub=value``), validate and resolve a workflow file."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("workflow file not found", where, "check the path") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"{where}:{mark.line + 1}" if mark else where
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"malformed YAML: {problem}", line, "fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("workflow must be a mapping", where, "see workflows/example.yaml")
+    for item in overrides or []:
+        apply_override(raw, item)
+    workflow = validate_workflow(raw, where)
+    return workflow.resolved(path.resolve().parent)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set a dotted key from ``key.sub=value``; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"bad --set {item!r}", "command line", "write --set key.sub=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a mapping", "command line")
+    node[leaf] = yaml.safe_load(value)
+
+
+def validate_workflow(raw: dict[str, Any], where: str = "workflow") -> Workflow:
+    """Validate a raw mapping; the first problem becomes one clear :class:`ConfigError`."""
+    try:
+        return Workflow.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e, where) from None
+
+
+def _config_error(error: ValidationError, where: str) -> ConfigError:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-"))]
+    key = ".".join(loc) or "workflow"
+    if first["type"] == "extra_forbidden":
+        hint = _did_you_mean(loc)
+        return ConfigError(f"unknown key {key!r}", where, hint)
+    if first["type"] == "missing":
+        return ConfigError(f"missing key {key!r}", where, "add it (see workflows/example.yaml)")
+    message = first["msg"].removeprefix("Value error, ")
+    return ConfigError(
+        f"invalid value for {key}: {message} (got {first.get('input')!r})",
+        where,
+        "see workflows/example.yaml",
+    )
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: type[BaseModel] | None = Workflow
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        model = _submodel(field.annotation) if field else None
+    known = list(model.model_fields) if model else []
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known keys: {', '.join(known)}" if known else "remove it"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", (annotation,))
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
