@@ -20,6 +20,8 @@ from .config import ModelConfig
 from .errors import ModelError
 from .model import Model
 
+WEIGHT_SEED = 0
+
 ACTIVATIONS = {
     "sigmoid": lambda: torch.nn.Sigmoid(),
     "softmax": lambda: torch.nn.Softmax(dim=1),
@@ -30,12 +32,15 @@ ACTIVATIONS = {
 def build_model(config: ModelConfig) -> Model:
     """The eval-mode model described by ``config`` (on the CPU), checkpoint loaded."""
     activation = ACTIVATIONS[config.eval_activation]() if config.eval_activation else None
-    if config.factory:
-        model = _from_factory(config, activation)
-    else:
-        architecture = _architecture(config)
-        head = _head(config, architecture)
-        model = Model(architecture, head, eval_activation=activation)
+    # a fixed seed: the client and every worker build identical initial weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(WEIGHT_SEED)
+        if config.factory:
+            model = _from_factory(config, activation)
+        else:
+            architecture = _architecture(config)
+            head = _head(config, architecture)
+            model = Model(architecture, head, eval_activation=activation)
     if config.checkpoint is not None:
         load_checkpoint(model, config.checkpoint)
     return model.eval()

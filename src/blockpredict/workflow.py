@@ -100,6 +100,9 @@ def _phase(model: Any) -> Coordinate | None:
 
 
 def prepare_workflow(workflow: Workflow) -> Prepared:
+    """Build the model and check the workflow against the data; writes nothing."""
+    if workflow.model.unet is not None and workflow.model.checkpoint is None:
+        logger.warning("model.checkpoint is not set: the U-Net has untrained weights (seed 0)")
     model = build_model(workflow.model)
     return prepare(workflow.input, workflow.output, workflow.model, model)
 

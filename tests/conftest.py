@@ -1,0 +1,123 @@
+"""Shared fixtures: a real LocalCluster of 2 worker processes, real zarr inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from distributed import LocalCluster
+from funlib.geometry import Coordinate, Roi
+from funlib.persistence import prepare_ds
+
+from blockpredict.plan import BlockPlan
+
+
+@pytest.fixture(scope="session")
+def cluster_address():
+    """One cluster for the session: 2 worker processes, 1 thread each."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=":0",
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def make_input(
+    path: Path,
+    data: np.ndarray,
+    voxel_size: tuple[int, ...],
+    offset: tuple[int, ...] | None = None,
+    channels: bool = False,
+) -> None:
+    """Write ``data`` as a funlib/zarr dataset with voxel size and offset metadata."""
+    spatial = data.ndim - int(channels)
+    names = ["z", "y", "x"][3 - spatial :]
+    prepare_ds(
+        str(path),
+        shape=data.shape,
+        offset=Coordinate(offset or (0,) * spatial),
+        voxel_size=Coordinate(voxel_size),
+        axis_names=(["c^"] if channels else []) + names,
+        types=(["channel"] if channels else []) + ["space"] * spatial,
+        dtype=data.dtype,
+        mode="w",
+    )[:] = data
+
+
+def write_workflow(path: Path, workflow: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(workflow, sort_keys=False))
+    return path
+
+
+def reference(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    input_roi: Roi,
+    voxel_size: Coordinate,
+    plan: BlockPlan,
+) -> np.ndarray:
+    """The model applied in ONE forward pass to the region all blocks read.
+
+    ``volume`` is the normalized float32 input ``(C, *spatial)`` covering
+    ``input_roi``. The region grows to whole blocks (a valid input size for a
+    U-Net whose write shape keeps the downsampling phase); outside the data it
+    is zero. The result is cropped to the output ROI.
+    """
+    blocks = Coordinate(plan.grid_shape) * plan.write_size
+    region = Roi(plan.output_roi.offset - plan.context, blocks + plan.context * 2)
+    canvas = np.zeros((volume.shape[0], *(region.shape / voxel_size)), dtype=np.float32)
+    inside = region.intersect(input_roi)
+    src = tuple(
+        slice(b, e)
+        for b, e in zip((inside.begin - input_roi.begin) / voxel_size,
+                        (inside.end - input_roi.begin) / voxel_size)
+    )
+    dst = tuple(
+        slice(b, e)
+        for b, e in zip((inside.begin - region.begin) / voxel_size,
+                        (inside.end - region.begin) / voxel_size)
+    )
+    canvas[(slice(None), *dst)] = volume[(slice(None), *src)]
+    model_dims = len(model.eval_input_shape)
+    lead = canvas.ndim - 1 - model_dims
+    x = torch.from_numpy(canvas)
+    if lead:  # sections of a volume: one batch of 2D images
+        x = x.reshape(x.shape[0], -1, *x.shape[-model_dims:]).transpose(0, 1)
+    else:
+        x = x[None]
+    with torch.no_grad():
+        y = model.eval()(x).numpy()
+    if lead:
+        y = y.transpose(1, 0, *range(2, y.ndim)).reshape(
+            y.shape[1], *canvas.shape[1 : 1 + lead], *y.shape[2:]
+        )
+    else:
+        y = y[0]
+    shape = plan.output_roi.shape / plan.output_voxel_size
+    assert y.shape[1:] == tuple(blocks / plan.output_voxel_size), (y.shape, blocks)
+    return y[(slice(None), *(slice(0, s) for s in shape))]
+
+
+def read_output(path: Path) -> np.ndarray:
+    import zarr
+
+    return zarr.open_array(str(path), mode="r")[:]
+
+
+def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """uint8 test volume with structure at several scales."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, size=shape).astype(np.float32)
+    grid = np.meshgrid(*(np.arange(s) for s in shape), indexing="ij")
+    waves = sum(np.sin(g / (3 + i)) for i, g in enumerate(grid))
+    return np.clip(0.5 * noise + 40 * waves + 64, 0, 255).astype(np.uint8)
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if math.prod(a.shape) else 0.0

@@ -1,0 +1,209 @@
+"""Blockwise output equals the model applied to the whole volume in one pass.
+
+Real LocalCluster worker processes, real zarr on disk, real torch models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from funlib.geometry import Coordinate, Roi
+
+import blockpredict
+from blockpredict.architectures import UNet
+from blockpredict.build import build_model
+from blockpredict.config import load_workflow
+from blockpredict.workflow import predict_workflow, prepare_workflow
+
+TOLERANCE = 1e-4
+
+UNET_3D = {
+    "input_shape": [28, 28, 28],
+    "fmaps_in": 1,
+    "num_fmaps": 3,
+    "fmap_inc_factor": 2,
+    "downsample_factors": [[2, 2, 2]],
+}
+
+
+def run_case(
+    tmp_path: Path,
+    address: str,
+    data: np.ndarray,
+    voxel_size: tuple[int, ...],
+    model: dict[str, Any],
+    output: dict[str, Any] | None = None,
+    channels: bool = False,
+    offset: tuple[int, ...] | None = None,
+    normalize: Any = "auto",
+    ref_model: torch.nn.Module | None = None,
+):
+    """Predict with a workflow; return (prediction, reference, plan)."""
+    make_input(tmp_path / "in.zarr" / "raw", data, voxel_size, offset, channels)
+    workflow = {
+        "input": {"container": "in.zarr", "dataset": "raw", "normalize": normalize},
+        "model": model,
+        "output": {"container": "out.zarr", "dataset": "pred", **(output or {})},
+        "cluster": {"type": "address", "address": address},
+        "execution": {"max_retries": 0},
+    }
+    path = write_workflow(tmp_path / "workflow.yaml", workflow)
+    loaded = load_workflow(path)
+    plan = prepare_workflow(loaded).plan
+    report = predict_workflow(loaded, progress=False)
+    assert report.exit_code == 0, report.summary()
+    assert report.blocks_processed == report.blocks_total == plan.num_blocks
+    volume = data.astype(np.float32)
+    if not channels:
+        volume = volume[None]
+    if normalize == "auto" and data.dtype == np.uint8:
+        volume = volume / 255.0
+    input_roi = Roi(Coordinate(offset or (0,) * len(voxel_size)),
+                    Coordinate(volume.shape[1:]) * Coordinate(voxel_size))
+    expected = reference(
+        ref_model if ref_model is not None else build_model(loaded.model),
+        volume, input_roi, Coordinate(voxel_size), plan,
+    )
+    return read_output(tmp_path / "out.zarr" / "pred"), expected, plan
+
+
+def test_3d_isotropic(tmp_path, cluster_address):
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((48, 48, 48)), (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 2}},
+    )
+    assert plan.context == Coordinate(8, 8, 8)
+    assert plan.output_roi == Roi((8, 8, 8), (32, 32, 32))
+    assert plan.num_blocks == 27  # 12 + 12 + 8 along each axis: trailing blocks are partial
+    assert got.shape == (2, 32, 32, 32)
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_3d_anisotropic_with_checkpoint_and_offset(tmp_path, cluster_address):
+    unet = {
+        "input_shape": [12, 28, 28],
+        "fmaps_in": 1,
+        "num_fmaps": 3,
+        "fmap_inc_factor": 2,
+        "downsample_factors": [[1, 2, 2]],
+        "kernel_size_down": [[[1, 3, 3], [1, 3, 3]], [[3, 3, 3], [3, 3, 3]]],
+        "kernel_size_up": [[[1, 3, 3], [1, 3, 3]]],
+    }
+    model = {"unet": unet, "head": {"out_channels": 1}, "eval_activation": "sigmoid"}
+    torch.manual_seed(123)  # weights unlike the default seed: the checkpoint must be used
+    trained = UNet(
+        input_shape=Coordinate(12, 28, 28), fmaps_in=1, num_fmaps=3, fmap_inc_factor=2,
+        downsample_factors=[(1, 2, 2)],
+        kernel_size_down=unet["kernel_size_down"], kernel_size_up=unet["kernel_size_up"],
+    )
+    ref = blockpredict.Model(trained, torch.nn.Conv3d(3, 1, 1), torch.nn.Sigmoid())
+    torch.save(ref.state_dict(), tmp_path / "weights.pt")
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((24, 50, 50)), (40, 8, 8),
+        {**model, "checkpoint": "weights.pt"}, offset=(400, 80, 80), ref_model=ref,
+    )
+    assert plan.output_voxel_size == Coordinate(40, 8, 8)
+    assert plan.context == Coordinate(80, 64, 64)
+    assert plan.output_roi.offset == Coordinate(480, 144, 144)
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_upsampling_unet_halves_the_voxel_size(tmp_path, cluster_address):
+    unet = {**UNET_3D, "upsample_factors": [[2, 2, 2]]}
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((40, 40, 40)), (8, 8, 8),
+        {"unet": unet, "head": {"out_channels": 1}},
+    )
+    assert plan.output_voxel_size == Coordinate(4, 4, 4)
+    import zarr
+
+    attrs = zarr.open_array(str(tmp_path / "out.zarr" / "pred"), mode="r").attrs
+    assert attrs["voxel_size"] == [4, 4, 4]
+    assert attrs["offset"] == list(plan.output_roi.offset)
+    assert attrs["axis_names"] == ["c^", "z", "y", "x"]
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_2d_model_on_a_3d_volume(tmp_path, cluster_address):
+    unet = {**UNET_3D, "input_shape": [28, 28], "downsample_factors": [[2, 2]]}
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((5, 40, 40)), (1, 1, 1),
+        {"unet": unet, "head": {"out_channels": 2}},
+    )
+    assert plan.read_shape == Coordinate(1, 28, 28)
+    assert got.shape == (2, 5, 24, 24)
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_border_pad_predicts_the_whole_input(tmp_path, cluster_address):
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((30, 30, 30)), (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 1}}, output={"border": "pad"},
+    )
+    assert plan.output_roi == Roi((0, 0, 0), (30, 30, 30))
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_requested_roi_not_a_multiple_of_the_block(tmp_path, cluster_address):
+    roi = {"offset": [10, 12, 9], "shape": [25, 17, 30]}
+    got, expected, plan = run_case(
+        tmp_path, cluster_address, volume_of((50, 50, 50)), (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 1}}, output={"roi": roi},
+    )
+    assert plan.output_roi == Roi((10, 12, 9), (25, 17, 30))
+    assert got.shape == (1, 25, 17, 30)
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def test_multichannel_float_input(tmp_path, cluster_address):
+    data = np.stack([volume_of((36, 36, 36), s) for s in (1, 2)]).astype(np.float32) / 100
+    got, expected, _ = run_case(
+        tmp_path, cluster_address, data, (1, 1, 1),
+        {"unet": {**UNET_3D, "fmaps_in": 2}, "head": {"out_channels": 1}}, channels=True,
+    )
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "exported"])
+def test_torchscript_and_exported_files(tmp_path, cluster_address, kind):
+    torch.manual_seed(7)
+    unet = UNet(input_shape=Coordinate(28, 28, 28), fmaps_in=1, num_fmaps=3,
+                fmap_inc_factor=2, downsample_factors=[(2, 2, 2)])
+    module = torch.nn.Sequential(unet, torch.nn.Conv3d(3, 2, 1)).eval()
+    example = torch.zeros(1, 1, 28, 28, 28)
+    if kind == "torchscript":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(module, example), str(tmp_path / "model.pt"))
+        source = {"torchscript": "model.pt"}
+    else:
+        torch.export.save(torch.export.export(module, (example,)), str(tmp_path / "model.pt2"))
+        source = {"exported": "model.pt2"}
+    declared = {"input_shape": [28, 28, 28], "num_in_channels": 1, "num_out_channels": 2}
+    ref = blockpredict.Model(unet, torch.nn.Identity())
+    ref.chain = module
+    got, expected, _ = run_case(
+        tmp_path, cluster_address, volume_of((44, 44, 44)), (1, 1, 1),
+        {**source, **declared}, ref_model=ref,
+    )
+    assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-3), ("uint8", 0.5)])
+def test_output_dtypes(tmp_path, cluster_address, dtype, tolerance):
+    got, expected, _ = run_case(
+        tmp_path, cluster_address, volume_of((40, 40, 40)), (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 1}, "eval_activation": "sigmoid"},
+        output={"dtype": dtype},
+    )
+    assert got.dtype == np.dtype(dtype)
+    if dtype == "uint8":
+        expected = expected * 255
+    assert max_abs_diff(got, expected) <= tolerance
