@@ -36,21 +36,21 @@ UNET = {
 def synthetic_cells(shape: tuple[int, ...], num_cells: int = 60, seed: int = 0) -> np.ndarray:
     """uint8 volume of bright cells separated by dark membranes, with noise."""
     rng = np.random.default_rng(seed)
-    centers = rng.uniform(0, 1, size=(num_cells, len(shape))) * np.array(shape)
-    brightness = rng.uniform(140, 220, size=num_cells)
+    centers = (rng.uniform(0, 1, size=(num_cells, len(shape))) * np.array(shape)).astype(np.float32)
+    brightness = rng.uniform(140, 220, size=num_cells).astype(np.float32)
     grid = np.stack(np.meshgrid(*(np.arange(s) for s in shape[1:]), indexing="ij"), axis=-1)
+    plane = grid.reshape(-1, len(shape) - 1).astype(np.float32)
     volume = np.empty(shape, dtype=np.uint8)
     for z in range(shape[0]):
-        points = np.concatenate([np.full(grid.shape[:-1] + (1,), z), grid], axis=-1)
-        dist = np.linalg.norm(points[..., None, :] - centers, axis=-1)
-        nearest = np.argpartition(dist, 1, axis=-1)[..., :2]
-        d = np.take_along_axis(dist, nearest, axis=-1)
-        d.sort(axis=-1)
-        cell = np.take_along_axis(nearest, np.argmin(np.take_along_axis(dist, nearest, -1), -1)[..., None], -1)[..., 0]
-        membrane = np.clip((d[..., 1] - d[..., 0]) / 3.0, 0, 1)
-        section = brightness[cell] * membrane + 30 * (1 - membrane)
-        section += rng.normal(0, 12, size=section.shape)
-        volume[z] = np.clip(section, 0, 255).astype(np.uint8)
+        points = np.concatenate([np.full((len(plane), 1), z, np.float32), plane], axis=1)
+        # squared distances to all centers, without a (points, centers, dims) array
+        sq = (points**2).sum(1)[:, None] - 2 * points @ centers.T + (centers**2).sum(1)
+        two = np.partition(sq, 1, axis=1)[:, :2]
+        d = np.sqrt(np.maximum(two, 0))
+        membrane = np.clip((d[:, 1] - d[:, 0]) / 3.0, 0, 1)
+        section = brightness[sq.argmin(1)] * membrane + 30 * (1 - membrane)
+        section += rng.normal(0, 12, size=section.shape).astype(np.float32)
+        volume[z] = np.clip(section, 0, 255).reshape(shape[1:]).astype(np.uint8)
     return volume
 
 

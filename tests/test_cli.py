@@ -1,0 +1,171 @@
+"""The CLI as users run it: demo, plan, predict with --set/--report, failing blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from funlib.geometry import Coordinate, Roi
+
+import blockpredict
+from blockpredict.architectures import UNet
+
+UNET = {
+    "input_shape": [28, 28, 28],
+    "fmaps_in": 1,
+    "num_fmaps": 3,
+    "fmap_inc_factor": 2,
+    "downsample_factors": [[2, 2, 2]],
+}
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def basic_workflow(tmp_path: Path, **output) -> Path:
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((48, 48, 48)), (4, 4, 4))
+    return write_workflow(tmp_path / "workflow.yaml", {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"unet": UNET, "head": {"out_channels": 2}},
+        "output": {"container": "out.zarr", "dataset": "pred", **output},
+        "cluster": {"type": "local", "n_workers": 2},
+    })
+
+
+def test_demo(tmp_path):
+    result = cli("demo", "--dir", "demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "demo" / "prediction.zarr" / "affinities"
+    assert f"output: {out}" in result.stdout
+    prediction = zarr.open_array(str(out), mode="r")
+    assert prediction.shape == (3, 112, 176, 176)
+    assert prediction.dtype == np.uint8
+    assert "18/18 done, 0 failed" in result.stderr
+    # a second demo run in the same folder starts over (the demo asks for overwrite)
+    assert cli("demo", "--dir", "demo", cwd=tmp_path).returncode == 0
+
+
+def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):
+    path = basic_workflow(tmp_path)
+    result = cli("plan", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "input voxel size   (4, 4, 4)" in text
+    assert "context            (32, 32, 32) world, (8, 8, 8) input voxels" in text
+    assert "read shape         (28, 28, 28) voxels = (112, 112, 112) world" in text
+    assert "write shape        (12, 12, 12) voxels = (48, 48, 48) world" in text
+    assert "block grid         (3, 3, 3) = 27 blocks" in text
+    assert "shape (2, 32, 32, 32) chunks (2, 12, 12, 12) float32" in text
+    assert f"output size        {2 * 32**3 * 4} bytes" in text
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_predict_with_set_and_report(tmp_path):
+    path = basic_workflow(tmp_path)
+    report_path = tmp_path / "report.json"
+    result = cli(
+        "predict", str(path), "--set", "output.dataset=other", "--set", "output.dtype=float16",
+        "--report", str(report_path), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["blocks_total"] == report["blocks_processed"] == 27
+    assert report["blocks_failed"] == 0
+    assert report["output_voxel_size"] == [4, 4, 4]
+    assert report["output_roi"] == {"offset": [32, 32, 32], "shape": [128, 128, 128]}
+    assert report["output_voxels_per_second"] > 0 and report["wall_seconds"] > 0
+    assert report["workers"] == 2
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "other")).dtype == np.float16
+    assert not (tmp_path / "out.zarr" / "pred").exists()
+    assert "dashboard: http://127.0.0.1:" in result.stderr
+
+
+FAILING_FACTORY = textwrap.dedent(
+    """
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class Picky(torch.nn.Module):
+        '''A 3x3x3 mean filter that refuses blocks holding a marked voxel (value > 100).'''
+        def forward(self, x):
+            if x.max() > 100:
+                raise ValueError("marked voxel in this block")
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build():
+        arch = WrappedArchitecture(Picky(), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+
+
+def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
+    (tmp_path / "picky.py").write_text(FAILING_FACTORY)
+    data = np.ones((26, 26, 26), dtype=np.float32)
+    data[20, 20, 20] = 1000.0  # read by the blocks around it only
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    path = write_workflow(tmp_path / "workflow.yaml", {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"factory": "picky:build"},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+        "cluster": {"type": "local", "n_workers": 1},
+        "execution": {"max_retries": 1},
+    })
+    result = cli("predict", str(path), "--report", "report.json", cwd=tmp_path,
+                 env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    # output ROI [1, 25)^3 in blocks of 8: blocks reading voxel 20 are those whose
+    # read ROI [1 + 8i - 1, 1 + 8i + 9) holds 20, i.e. index 2 on each axis
+    assert report["blocks_total"] == 27
+    assert report["blocks_failed"] == 1
+    assert report["retries"] == 1
+    failed = report["failed_blocks"][0]
+    assert failed["index"] == [2, 2, 2]
+    assert "marked voxel" in failed["error"]
+    assert "failed block 26 [2, 2, 2]: ValueError: marked voxel in this block" in result.stderr
+    out = read_output(tmp_path / "out.zarr" / "pred")
+    assert (out[:, 16:, 16:, 16:] == 0).all()  # the failed block wrote nothing
+    written = np.ones(out.shape, dtype=bool)
+    written[:, 16:, 16:, 16:] = False
+    assert (out[written] == 1).all()  # every other block was written
+
+
+def test_python_api(tmp_path, cluster_address):
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (2, 2, 2))
+    torch.manual_seed(3)
+    architecture = UNet(input_shape=Coordinate(28, 28, 28), fmaps_in=1, num_fmaps=3,
+                        fmap_inc_factor=2, downsample_factors=[(2, 2, 2)])
+    model = blockpredict.Model(architecture, torch.nn.Conv3d(3, 2, 1), torch.nn.Sigmoid())
+    report = blockpredict.predict(
+        model,
+        input={"container": str(tmp_path / "in.zarr"), "dataset": "raw"},
+        output={"container": str(tmp_path / "out.zarr"), "dataset": "pred"},
+        cluster={"type": "address", "address": cluster_address},
+        progress=False,
+    )
+    assert report.exit_code == 0
+    got = read_output(tmp_path / "out.zarr" / "pred")
+    volume = volume_of((40, 40, 40)).astype(np.float32)[None] / 255
+    from blockpredict.plan import make_plan
+
+    plan = make_plan(Roi((0, 0, 0), (80, 80, 80)), Coordinate(2, 2, 2), Coordinate(2, 2, 2),
+                     Coordinate(28, 28, 28), Coordinate(12, 12, 12))
+    expected = reference(model, volume, Roi((0, 0, 0), (80, 80, 80)), Coordinate(2, 2, 2), plan)
+    assert max_abs_diff(got, expected) <= 1e-4
