@@ -53,7 +53,7 @@ def test_demo(tmp_path):
     prediction = zarr.open_array(str(out), mode="r")
     assert prediction.shape == (3, 112, 176, 176)
     assert prediction.dtype == np.uint8
-    assert "18/18 done, 0 failed" in result.stderr
+    assert "18/18 done (18 processed, 0 skipped), 0 failed" in result.stderr
     # a second demo run in the same folder starts over (the demo asks for overwrite)
     assert cli("demo", "--dir", "demo", cwd=tmp_path).returncode == 0
 

@@ -108,7 +108,8 @@ def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Mo
         if activation is not None:
             built.eval_activation = activation
         return built
-    if isinstance(built, torch.nn.Module) and config.input_shape is not None:
+    declared = (config.input_shape, config.num_in_channels, config.num_out_channels)
+    if isinstance(built, torch.nn.Module) and None not in declared:
         return Model(_wrap(built, config), torch.nn.Identity(), eval_activation=activation)
     raise ModelError(
         f"factory {name!r} returned {type(built).__name__}",

@@ -1,4 +1,4 @@
-"""Command line: ``blockpredict predict | plan | demo``.
+"""Command line: ``blockpredict predict | plan | status | demo``.
 
 Bad input prints one line ``error: ...`` and exits with code 2 (a traceback
 only with ``--debug``); a run with failed blocks exits with code 1.
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     _workflow_args(plan)
     plan.set_defaults(func=_plan)
 
+    status = sub.add_parser("status", help="print the progress of a workflow from its ledger")
+    _workflow_args(status)
+    status.set_defaults(func=_status)
+
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
     demo.add_argument("--dir", type=Path, default=Path("blockpredict-demo"), help="work folder")
     demo.set_defaults(func=_demo)
@@ -94,6 +98,30 @@ def _plan(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, args.overrides)
     prepared = prepare_workflow(workflow)
     print(describe_plan(prepared))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .config import load_workflow
+    from .errors import InputError
+    from .ledger import Ledger, ledger_path
+    from .storage import output_path
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    path = ledger_path(output_path(workflow.output.container, workflow.output.dataset))
+    if not Ledger.exists(path):
+        raise InputError("no ledger: this workflow has not started", path, "run blockpredict predict")
+    ledger = Ledger.open(path)
+    counts = ledger.counts()
+    total = sum(counts.values())
+    print(f"ledger: {path}")
+    print(f"done: {counts['done']}/{total} ({100 * counts['done'] / max(total, 1):.1f}%)")
+    print(f"failed: {counts['failed']}")
+    print(f"todo: {counts['todo']}")
+    failed = ledger.failed_ids()
+    if failed:
+        shown = " ".join(str(i) for i in failed[:100])
+        print(f"failed blocks: {shown}" + (" ..." if len(failed) > 100 else ""))
     return 0
 
 

@@ -32,6 +32,10 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         finally:
             client.close()
         return
+    if config.device == "cuda" and not _has_cuda():
+        raise ConfigError(
+            "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
+        )
     with LocalCluster(
         n_workers=config.n_workers,
         threads_per_worker=config.threads_per_worker,
@@ -41,6 +45,12 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def torch_threads(config: ClusterConfig) -> int:

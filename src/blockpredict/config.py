@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,9 @@ from .errors import ConfigError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+S = TypeVar("S", bound=Strict)
 
 
 class Scaling(Strict):
@@ -80,6 +83,17 @@ class ModelConfig(Strict):
             )
         if self.unet is not None and self.head is None:
             raise ValueError("unet needs a head: {out_channels, kernel_size}")
+        if self.head is not None and self.unet is None:
+            raise ValueError("head is only for unet; build the head into the model file")
+        declared = [
+            k
+            for k in ("input_shape", "eval_shape_increase", "num_in_channels", "num_out_channels")
+            if getattr(self, k) is not None
+        ] + (["scale"] if self.scale != 1 else []) + (["kwargs"] if self.kwargs else [])
+        if self.unet is not None and declared:
+            raise ValueError(f"{', '.join(declared)} belong in the unet section, not beside it")
+        if self.factory is None and self.kwargs:
+            raise ValueError("kwargs are for factory")
         if self.torchscript or self.exported:
             missing = [
                 k
@@ -124,6 +138,10 @@ class ClusterConfig(Strict):
 
 class ExecutionConfig(Strict):
     max_retries: int = Field(2, ge=0)
+    blocks_per_task: int = Field(1, ge=1)
+    fail_fast: int = Field(10, ge=0)
+    resume: bool = True
+    grace_period: float = Field(30.0, ge=0)
 
 
 class Workflow(Strict):
@@ -199,9 +217,21 @@ def validate_workflow(raw: dict[str, Any], where: str = "workflow") -> Workflow:
         raise _config_error(e, where) from None
 
 
-def _config_error(error: ValidationError, where: str) -> ConfigError:
+def validate_section(kind: type[S], raw: Any, section: str) -> S:
+    """One section given from Python (a mapping or the model itself)."""
+    if isinstance(raw, kind):
+        return raw
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(e, section, (section,)) from None
+
+
+def _config_error(error: ValidationError, where: str, prefix: tuple[str, ...] = ()) -> ConfigError:
     first = error.errors()[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-"))]
+    loc = [*prefix] + [
+        str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-"))
+    ]
     key = ".".join(loc) or "workflow"
     if first["type"] == "extra_forbidden":
         hint = _did_you_mean(loc)
@@ -209,11 +239,13 @@ def _config_error(error: ValidationError, where: str) -> ConfigError:
     if first["type"] == "missing":
         return ConfigError(f"missing key {key!r}", where, "add it (see workflows/example.yaml)")
     message = first["msg"].removeprefix("Value error, ")
-    return ConfigError(
-        f"invalid value for {key}: {message} (got {first.get('input')!r})",
-        where,
-        "see workflows/example.yaml",
-    )
+    got = "" if first["type"] == "value_error" else f" (got {_short(first.get('input'))})"
+    return ConfigError(f"invalid value for {key}: {message}{got}", where, "see workflows/example.yaml")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _did_you_mean(loc: list[str]) -> str:

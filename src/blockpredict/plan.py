@@ -10,9 +10,9 @@ World units are used for ROIs (like funlib); shapes are in voxels.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+
+import numpy as np
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -126,11 +126,6 @@ class BlockPlan:
             "grid_shape": list(self.grid_shape),
             "num_blocks": self.num_blocks,
         }
-
-    def geometry_hash(self) -> str:
-        """Hash of everything that defines which voxels a block id reads and writes."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _roi_dict(roi: Roi) -> dict[str, list[int]]:
@@ -286,3 +281,23 @@ def _phase_warnings(
         f"downsampling {tuple(phase)} x input voxel size {tuple(vin)}: block seams will "
         "differ from a whole-volume prediction; adjust eval_shape_increase"
     ]
+
+
+def morton_order(grid_shape: Sequence[int], batch: int = 1 << 16) -> Iterator[int]:
+    """Block ids in Z-order (Morton order): neighbouring blocks run close in time.
+
+    Lazy: codes are decoded in batches, so memory stays constant for any grid.
+    """
+    grid = np.asarray(grid_shape, dtype=np.int64)
+    dims = len(grid)
+    bits = max(1, int(grid.max() - 1).bit_length())
+    strides = np.cumprod([1, *grid[::-1][:-1]])[::-1]
+    for start in range(0, 1 << (bits * dims), batch):
+        codes = np.arange(start, min(start + batch, 1 << (bits * dims)), dtype=np.int64)
+        index = np.zeros((len(codes), dims), dtype=np.int64)
+        for bit in range(bits):
+            for d in range(dims):
+                shift = bit * dims + (dims - 1 - d)
+                index[:, d] |= ((codes >> shift) & 1) << bit
+        inside = (index < grid).all(axis=1)
+        yield from (index[inside] @ strides).tolist()

@@ -1,116 +1,218 @@
 """Client side of a run: stream block ids to Dask with a bounded window.
 
-Only block ids travel through the scheduler. At most ``window`` futures exist
-at any time, so client memory does not grow with the number of blocks. A block
-that raises is resubmitted (on any worker) up to ``max_retries`` times.
+Only block ids travel through the scheduler. At most ``window`` tasks exist at
+any time, so client memory does not grow with the number of blocks beyond the
+ledger. Blocks go out in Morton order, ``blocks_per_task`` adjacent blocks per
+task. A failed block is resubmitted (on any worker) up to ``max_retries``
+times; the ledger records a block only after its write returned.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
 
 from distributed import Client, as_completed
 from tqdm import tqdm
 
-from .report import FailedBlock, RunReport
-from .worker import PLUGIN_NAME, BlockResult, Job, ModelPlugin, process_block
+from .config import ExecutionConfig
+from .errors import BlockpredictError
+from .ledger import DONE, FAILED, Ledger
+from .plan import morton_order
+from .report import FailedBlock, PhaseTimes, RunReport
+from .worker import PLUGIN_NAME, BlockResult, Job, ModelPlugin, describe, process_blocks
 
 logger = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def run(client: Client, job: Job, max_retries: int, progress: bool = True) -> RunReport:
-    """Process every block of ``job.plan`` on ``client``'s workers."""
+
+class WorkerSetupError(BlockpredictError, RuntimeError):
+    """The model could not be loaded on a worker (before any block ran)."""
+
+
+class Dispatcher:
+    """Keeps a bounded window of tasks in flight and accounts for each result."""
+
+    def __init__(
+        self, client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, bar: tqdm
+    ) -> None:
+        self.client, self.job, self.ledger, self.execution, self.bar = (
+            client, job, ledger, execution, bar,
+        )
+        plan = job.plan
+        self.report = RunReport(
+            blocks_total=plan.num_blocks,
+            output_roi={"offset": list(plan.output_roi.offset), "shape": list(plan.output_roi.shape)},
+            output_voxel_size=list(plan.output_voxel_size),
+            output_path=job.output.path,
+            ledger_path=ledger.path,
+        )
+        self.phases = PhaseTimes()
+        self.order: Iterator[int] = ledger.pending(morton_order(job.plan.grid_shape))
+        self.retry: deque[int] = deque()
+        self.attempts: dict[int, int] = {}
+        self.owner: dict[str, list[int]] = {}
+        self.futures = as_completed()
+        self.token = uuid.uuid4().hex[:8]
+        self.first_outcomes: list[str | None] = []
+        self.stop_reason: str | None = None
+
+    def submit_more(self, window: int) -> None:
+        while len(self.owner) < window and self.stop_reason is None:
+            ids = self._next_ids()
+            if not ids:
+                return
+            key = f"blocks-{self.token}-{ids[0]}-{self.attempts.get(ids[0], 0)}"
+            future = self.client.submit(process_blocks, ids, key=key, pure=False)
+            self.owner[future.key] = ids
+            self.futures.add(future)
+
+    def _next_ids(self) -> list[int]:
+        n = self.execution.blocks_per_task
+        if self.retry:
+            return [self.retry.popleft() for _ in range(min(n, len(self.retry)))]
+        return list(islice(self.order, n))
+
+    def collect(self, future) -> None:  # type: ignore[no-untyped-def]
+        ids = self.owner.pop(future.key)
+        if future.status == "finished":
+            results: list[BlockResult] = future.result()
+        else:  # the whole task failed: a lost worker, a deserialization error, ...
+            error = describe(future.exception()) if future.status == "error" else future.status
+            results = [BlockResult(i, error=error) for i in ids]
+        future.release()
+        for result in results:
+            self._account(result)
+
+    def _account(self, result: BlockResult) -> None:
+        block_id, report = result.block_id, self.report
+        if len(self.first_outcomes) < self.execution.fail_fast and block_id not in self.attempts:
+            self.first_outcomes.append(result.error)
+        if result.error is None:
+            self.ledger.mark(block_id, DONE)
+            report.blocks_processed += 1
+            self.phases.add(result)
+            self.bar.update(1)
+            return
+        self.attempts[block_id] = self.attempts.get(block_id, 0) + 1
+        if self.attempts[block_id] <= self.execution.max_retries:
+            report.retries += 1
+            logger.warning("block %d failed (%s); retrying", block_id, result.error)
+            self.retry.append(block_id)
+            return
+        self.ledger.mark(block_id, FAILED)
+        block = self.job.plan.block(block_id)
+        report.blocks_failed += 1
+        report.failed_blocks.append(FailedBlock.of(block, result.error))
+        logger.error("block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error)
+        self.bar.update(1)
+
+    def failing_fast(self) -> str | None:
+        """The shared error when the first ``fail_fast`` attempted blocks all failed alike."""
+        n = self.execution.fail_fast
+        outcomes = self.first_outcomes
+        if n and len(outcomes) >= n and outcomes[0] is not None and len(set(outcomes[:n])) == 1:
+            return outcomes[0]
+        return None
+
+    def cancel_all(self) -> None:
+        self.client.cancel([f for f in self.futures.futures], force=True)
+        self.owner.clear()
+
+
+def run(
+    client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, progress: bool = True
+) -> RunReport:
+    """Process every pending block of ``job.plan`` on ``client``'s workers."""
     plan = job.plan
-    report = RunReport(
-        blocks_total=plan.num_blocks,
-        output_roi={"offset": list(plan.output_roi.offset), "shape": list(plan.output_roi.shape)},
-        output_voxel_size=list(plan.output_voxel_size),
-        output_path=job.output.path,
-    )
     start = time.perf_counter()
-    client.register_plugin(ModelPlugin(job), name=PLUGIN_NAME)
+    _register(client, job)
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    report.workers = len(workers)
     threads = sum(w["nthreads"] for w in workers.values()) or 1
     window = max(4, 2 * threads)
-    phases = {"read": 0.0, "compute": 0.0, "write": 0.0}
+    skipped = ledger.counts()["done"]
     bar = tqdm(
-        total=plan.num_blocks, unit="block", disable=not progress, file=sys.stderr, smoothing=0.1
+        total=plan.num_blocks, initial=skipped, unit="block", disable=not progress,
+        file=sys.stderr, smoothing=0.1,
     )
-    token = uuid.uuid4().hex[:8]
-    ids: Iterator[int] = iter(range(plan.num_blocks))
-    attempts: dict[int, int] = {}
-    futures = as_completed()
-    owner: dict[str, int] = {}
-
-    def submit(block_id: int) -> None:
-        attempt = attempts.get(block_id, 0)
-        key = f"block-{token}-{block_id}-{attempt}"
-        future = client.submit(process_block, block_id, key=key, pure=False)
-        owner[future.key] = block_id
-        futures.add(future)
-
-    for block_id in _take(ids, window):
-        submit(block_id)
-    for future in futures:
-        block_id = owner.pop(future.key)
-        if future.status == "finished":
-            result: BlockResult = future.result()
-            for phase in phases:
-                phases[phase] += getattr(result, phase)
-            report.blocks_processed += 1
-            bar.update(1)
-        else:
-            error = _describe(future.exception())
-            attempts[block_id] = attempts.get(block_id, 0) + 1
-            if attempts[block_id] <= max_retries:
-                report.retries += 1
-                logger.warning("block %d failed (%s); retrying", block_id, error)
-                submit(block_id)
-                continue
-            _record_failure(report, job, block_id, error)
-            bar.update(1)
-        future.release()
-        for next_id in _take(ids, 1):
-            submit(next_id)
-    bar.close()
+    d = Dispatcher(client, job, ledger, execution, bar)
+    d.report.blocks_skipped = skipped
+    d.report.workers = len(workers)
+    grace_end = math.inf
+    with _stop_on_signals(d):
+        d.submit_more(window)
+        try:
+            while d.owner:
+                done = d.futures.next_batch(block=False)
+                if not done:
+                    if d.stop_reason and time.perf_counter() > grace_end:
+                        logger.warning("grace period over: cancelling %d tasks", len(d.owner))
+                        d.cancel_all()
+                    time.sleep(0.02)
+                    continue
+                for future in done:
+                    d.collect(future)
+                error = d.failing_fast()
+                if error and d.stop_reason is None:
+                    d.stop_reason = "fail-fast"
+                    d.report.fail_fast_error = error
+                    logger.error("the first %d blocks all failed with: %s", execution.fail_fast, error)
+                    d.cancel_all()
+                if d.stop_reason and grace_end == math.inf:
+                    grace_end = time.perf_counter() + execution.grace_period
+                d.submit_more(window)
+                ledger.flush(every=2.0)
+        finally:
+            ledger.flush()
+            bar.close()
+    report = d.report
+    report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
     report.wall_seconds = time.perf_counter() - start
     voxels = report.blocks_processed / max(1, plan.num_blocks) * math.prod(plan.output_shape)
     report.output_voxels_per_second = voxels / max(report.wall_seconds, 1e-9)
-    report.phase_seconds = {k: round(v, 3) for k, v in phases.items()}
+    report.phase_seconds = d.phases.summary()
     return report
 
 
-def _take(ids: Iterator[int], n: int) -> list[int]:
-    taken = []
-    for block_id in ids:
-        taken.append(block_id)
-        if len(taken) == n:
-            break
-    return taken
+def _register(client: Client, job: Job) -> None:
+    """Load the model on every worker; a model that fails to load stops the run here."""
+    results = client.register_plugin(ModelPlugin(job), name=PLUGIN_NAME) or {}
+    for worker, result in results.items():
+        if isinstance(result, dict) and result.get("status") == "error":
+            error = result.get("exception")
+            text = describe(error) if isinstance(error, BaseException) else str(error)
+            raise WorkerSetupError(
+                f"the model could not be loaded on worker {worker}: {text}",
+                "model",
+                "check that the workers can import and load the model",
+            )
 
 
-def _describe(exception: BaseException | None) -> str:
-    if exception is None:
-        return "unknown error"
-    text = str(exception).strip().splitlines()
-    return f"{type(exception).__name__}: {text[0] if text else ''}".rstrip(": ")
+@contextmanager
+def _stop_on_signals(dispatcher: Dispatcher) -> Iterator[None]:
+    """SIGINT/SIGTERM: stop submitting, let in-flight blocks finish (grace period)."""
 
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if dispatcher.stop_reason is None:
+            logger.warning("%s: finishing %d in-flight tasks, then stopping", name, len(dispatcher.owner))
+        dispatcher.stop_reason = name
 
-def _record_failure(report: RunReport, job: Job, block_id: int, error: str) -> None:
-    block = job.plan.block(block_id)
-    report.blocks_failed += 1
-    report.failed_blocks.append(
-        FailedBlock(
-            id=block_id,
-            index=list(block.index),
-            write_roi={"offset": list(block.write_roi.offset), "shape": list(block.write_roi.shape)},
-            error=error,
-        )
-    )
-    logger.error("block %d failed after retries: %s", block_id, error)
+    try:
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

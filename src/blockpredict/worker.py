@@ -48,13 +48,20 @@ class Job:
 
 @dataclass(frozen=True)
 class BlockResult:
-    """Timings of one block, in seconds."""
+    """Timings of one block in seconds, or the error that stopped it."""
 
     block_id: int
-    read: float
-    compute: float
-    write: float
-    worker: str
+    read: float = 0.0
+    compute: float = 0.0
+    write: float = 0.0
+    worker: str = ""
+    error: str | None = None
+
+
+def describe(exception: BaseException) -> str:
+    """``Type: first line of the message``, for reports and logs."""
+    text = str(exception).strip().splitlines()
+    return f"{type(exception).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
@@ -126,7 +133,18 @@ class ModelPlugin(WorkerPlugin):
         return y.reshape(y.shape[1], *write_shape)
 
 
-def process_block(block_id: int) -> BlockResult:
-    """The Dask task: one block, with the model held by this worker's plugin."""
+def process_blocks(block_ids: list[int]) -> list[BlockResult]:
+    """The Dask task: adjacent blocks, with the model held by this worker's plugin.
+
+    A block that raises is reported in its result, so the others of the task
+    still count and only that block is retried.
+    """
     plugin = get_worker().plugins[PLUGIN_NAME]
-    return plugin.process(block_id)
+    results = []
+    for block_id in block_ids:
+        try:
+            results.append(plugin.process(block_id))
+        except Exception as e:
+            logger.warning("block %d failed: %s", block_id, describe(e))
+            results.append(BlockResult(block_id, worker=str(get_worker().name), error=describe(e)))
+    return results

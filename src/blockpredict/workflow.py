@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,29 @@ from funlib.geometry import Coordinate, Roi
 
 from .build import build_model
 from .cluster import connect, torch_threads
-from .config import ClusterConfig, ExecutionConfig, InputConfig, OutputConfig, Workflow
+from .config import (
+    ClusterConfig,
+    ExecutionConfig,
+    InputConfig,
+    OutputConfig,
+    Workflow,
+    validate_section,
+)
 from .errors import ModelError
+from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
 from .runner import run
-from .storage import InputInfo, check_output, normalization, open_input, prepare_output
-from .worker import Job
+from .storage import (
+    InputInfo,
+    OutputInfo,
+    check_output,
+    normalization,
+    open_input,
+    output_path,
+    prepare_output,
+)
+from .worker import Job, describe
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +55,22 @@ class Prepared:
     plan: BlockPlan
     num_out_channels: int
     model: Any  # a ModelConfig for the workers to rebuild, or a Model object
+    resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
+
+    @property
+    def output_path(self) -> str:
+        return output_path(self.output.container, self.output.dataset)
+
+    def geometry(self) -> dict[str, Any]:
+        """Everything that decides which voxels a block id reads and writes."""
+        return {
+            "plan": self.plan.to_dict(),
+            "input": self.input.path,
+            "output": self.output_path,
+            "dtype": self.output.dtype,
+            "num_out_channels": self.num_out_channels,
+            "chunks": list(self.plan.write_shape),
+        }
 
     def output_nbytes(self) -> int:
         itemsize = np.dtype(self.output.dtype).itemsize
@@ -45,7 +78,11 @@ class Prepared:
 
 
 def prepare(
-    input: InputConfig, output: OutputConfig, model_source: Any, model: Any
+    input: InputConfig,
+    output: OutputConfig,
+    model_source: Any,
+    model: Any,
+    execution: ExecutionConfig | None = None,
 ) -> Prepared:
     """Open the input, check the model against it and plan the blocks."""
     info = open_input(input.container, input.dataset)
@@ -64,7 +101,14 @@ def prepare(
             info.path,
             "use a model with at most as many dims as the input",
         )
-    channels, eval_output_shape = model.compute_output_shape(eval_input_shape)
+    try:
+        channels, eval_output_shape = model.compute_output_shape(eval_input_shape)
+    except Exception as e:
+        raise ModelError(
+            f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
+            "model",
+            "check the declared input_shape and eval_shape_increase",
+        ) from None
     model_dims = eval_input_shape.dims
     vin = info.voxel_size
     vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
@@ -83,8 +127,22 @@ def prepare(
     )
     for warning in plan.warnings:
         logger.warning(warning)
-    check_output(output.container, output.dataset, output.overwrite)
-    return Prepared(info, output, plan, int(channels), model_source)
+    prepared = Prepared(info, output, plan, int(channels), model_source)
+    return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
+    """Resume where a ledger of the same geometry exists; never clobber unasked."""
+    out = prepared.output
+    path = prepared.output_path
+    if out.overwrite or not os.path.exists(path):
+        return prepared
+    ledger = ledger_path(path)
+    if execution.resume and Ledger.exists(ledger):
+        Ledger.open(ledger, prepared.geometry())  # raises when the geometry changed
+        return replace(prepared, resume=True)
+    check_output(out.container, out.dataset, out.overwrite)
+    return prepared
 
 
 def _phase(model: Any) -> Coordinate | None:
@@ -104,7 +162,7 @@ def prepare_workflow(workflow: Workflow) -> Prepared:
     if workflow.model.unet is not None and workflow.model.checkpoint is None:
         logger.warning("model.checkpoint is not set: the U-Net has untrained weights (seed 0)")
     model = build_model(workflow.model)
-    return prepare(workflow.input, workflow.output, workflow.model, model)
+    return prepare(workflow.input, workflow.output, workflow.model, model, workflow.execution)
 
 
 def execute(
@@ -114,20 +172,12 @@ def execute(
     execution: ExecutionConfig,
     progress: bool = True,
 ) -> RunReport:
-    """Create the output and run every block on a cluster."""
+    """Create the output (or resume it) and run every pending block on a cluster."""
     out = prepared.output
     plan = prepared.plan
-    info = prepare_output(
-        out.container,
-        out.dataset,
-        plan.output_roi,
-        plan.output_voxel_size,
-        plan.write_shape,
+    info = OutputInfo(
+        prepared.output_path, plan.output_roi, plan.output_voxel_size, out.dtype,
         prepared.num_out_channels,
-        out.dtype,
-        prepared.input.axis_names,
-        prepared.input.units,
-        out.overwrite,
     )
     job = Job(
         plan=plan,
@@ -138,10 +188,26 @@ def execute(
         device=cluster.device,
         threads=torch_threads(cluster),
     )
-    with connect(cluster) as client:
-        if progress:
-            logger.info("dashboard: %s", client.dashboard_link)
-        return run(client, job, execution.max_retries, progress=progress)
+    with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
+        logger.info("dashboard: %s", client.dashboard_link)
+        if prepared.resume:
+            ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
+            logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
+        else:
+            prepare_output(
+                out.container,
+                out.dataset,
+                plan.output_roi,
+                plan.output_voxel_size,
+                plan.write_shape,
+                prepared.num_out_channels,
+                out.dtype,
+                prepared.input.axis_names,
+                prepared.input.units,
+                out.overwrite,
+            )
+            ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
+        return run(client, job, ledger, execution, progress=progress)
 
 
 def predict_workflow(workflow: Workflow, progress: bool = True) -> RunReport:
@@ -164,14 +230,14 @@ def predict(
     the workflow file's sections. The model is sent to each worker once.
     """
     base = Path.cwd()
-    input_cfg = InputConfig.model_validate(input)
-    output_cfg = OutputConfig.model_validate(output)
+    input_cfg = validate_section(InputConfig, input, "input")
+    output_cfg = validate_section(OutputConfig, output, "output")
     input_cfg = input_cfg.model_copy(update={"container": (base / input_cfg.container).resolve()})
     output_cfg = output_cfg.model_copy(
         update={"container": (base / output_cfg.container).resolve()}
     )
-    cluster_cfg = ClusterConfig.model_validate(cluster or {})
-    execution_cfg = ExecutionConfig.model_validate(execution or {})
+    cluster_cfg = validate_section(ClusterConfig, cluster or {}, "cluster")
+    execution_cfg = validate_section(ExecutionConfig, execution or {}, "execution")
     model = model.cpu().eval()
-    prepared = prepare(input_cfg, output_cfg, model, model)
+    prepared = prepare(input_cfg, output_cfg, model, model, execution_cfg)
     return execute(prepared, input_cfg, cluster_cfg, execution_cfg, progress)

@@ -1,0 +1,195 @@
+"""Runs that survive faults: resume from the ledger, killed workers and clients, fail-fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import zarr
+from conftest import make_input, read_output, write_workflow
+
+from blockpredict.config import load_workflow
+from blockpredict.errors import BlockpredictError
+from blockpredict.workflow import predict_workflow
+
+FACTORY = textwrap.dedent(
+    """
+    import os, time
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class SlowMean(torch.nn.Module):
+        '''3x3x3 mean filter; sleeps per block; raises when told to.'''
+        def __init__(self, delay, fail):
+            super().__init__()
+            self.delay, self.fail = delay, fail
+        def forward(self, x):
+            if self.fail and x.abs().sum() > 0:  # the shape probe (zeros) passes
+                raise RuntimeError("CUDA out of memory (simulated)")
+            time.sleep(self.delay)
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build(delay=0.0, fail=False):
+        arch = WrappedArchitecture(SlowMean(delay, fail), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+
+SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "slow.py").write_text(FACTORY)
+    sys.path.insert(0, str(tmp_path))
+    data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    yield tmp_path, data
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("slow", None)
+
+
+def on_workers(address: str, tmp_path: Path) -> dict:
+    """The shared cluster's workers import the factory module from ``tmp_path`` too."""
+    from distributed import Client
+
+    with Client(address) as client:
+        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
+    return {"type": "address", "address": address}
+
+
+def workflow(tmp_path: Path, cluster: dict, delay: float = 0.0, fail: bool = False, **execution):
+    return write_workflow(tmp_path / "workflow.yaml", {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"factory": "slow:build", "kwargs": {"delay": delay, "fail": fail}},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+        "cluster": cluster,
+        "execution": {"max_retries": 1, **execution},
+    })
+
+
+def expected(data: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(data)[None, None]
+    return torch.nn.functional.avg_pool3d(x, 3, stride=1)[0, 0].numpy()
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "blockpredict.cli", *args], cwd=cwd, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )
+
+
+def ledger_done(tmp_path: Path) -> int:
+    path = tmp_path / "out.zarr" / "pred-ledger"
+    try:
+        return int((zarr.open_array(str(path), mode="r")[:] == 1).sum())
+    except Exception:
+        return 0
+
+
+def test_rerun_resumes_and_skips_done_blocks(setup, cluster_address):
+    tmp_path, data = setup
+    path = workflow(tmp_path, on_workers(cluster_address, tmp_path))
+    first = predict_workflow(load_workflow(path), progress=False)
+    assert (first.blocks_processed, first.exit_code) == (64, 0)
+    again = predict_workflow(load_workflow(path), progress=False)
+    assert (again.blocks_skipped, again.blocks_processed, again.exit_code) == (64, 0, 0)
+    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+
+
+def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
+    tmp_path, _ = setup
+    path = workflow(tmp_path, on_workers(cluster_address, tmp_path))
+    predict_workflow(load_workflow(path), progress=False)
+    changed = ["output.roi={offset: [1, 1, 1], shape: [16, 16, 16]}"]
+    with pytest.raises(BlockpredictError, match=r"geometry changed since the ledger was written \(plan\)"):
+        predict_workflow(load_workflow(path, changed), progress=False)
+    report = predict_workflow(load_workflow(path, [*changed, "output.overwrite=true"]), progress=False)
+    assert (report.blocks_total, report.blocks_processed, report.blocks_skipped) == (8, 8, 0)
+    no_resume = ["execution.resume=false"]
+    with pytest.raises(BlockpredictError, match="output dataset exists"):
+        predict_workflow(load_workflow(path, no_resume), progress=False)
+
+
+def test_fail_fast_stops_a_run_whose_blocks_all_fail(setup, cluster_address):
+    tmp_path, _ = setup
+    path = workflow(tmp_path, on_workers(cluster_address, tmp_path), fail=True,
+                    fail_fast=4, max_retries=0)
+    report = predict_workflow(load_workflow(path), progress=False)
+    assert report.exit_code == 1
+    assert report.fail_fast_error == "RuntimeError: CUDA out of memory (simulated)"
+    assert report.blocks_failed < 64 and report.blocks_processed == 0
+    assert "stopped early" in report.summary()
+    status = subprocess.run([sys.executable, "-m", "blockpredict.cli", "status", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert f"failed: {report.blocks_failed}" in status and "done: 0/64 (0.0%)" in status
+    assert "failed blocks: " + " ".join(str(b.id) for b in sorted(report.failed_blocks, key=lambda b: b.id))[:40] in status
+
+
+def test_a_killed_worker_loses_nothing(setup):
+    tmp_path, data = setup
+    path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
+    proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
+    deadline = time.time() + 120
+    while ledger_done(tmp_path) < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
+    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+
+
+def test_a_killed_client_resumes_to_the_same_output(setup):
+    tmp_path, data = setup
+    path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
+    proc = cli("predict", str(path), "--no-progress", cwd=tmp_path, start_new_session=True)
+    deadline = time.time() + 120
+    while ledger_done(tmp_path) < 8 and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client, its cluster and workers: all gone
+    proc.communicate(timeout=60)
+    assert 8 <= ledger_done(tmp_path) < 64
+    rerun = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["blocks_skipped"] >= 8
+    assert report["blocks_processed"] < 64
+    assert report["blocks_skipped"] + report["blocks_processed"] == 64
+    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+
+
+def test_sigterm_flushes_the_ledger_and_exits_143(setup):
+    tmp_path, _ = setup
+    path = workflow(tmp_path, {"type": "local", "n_workers": 1}, delay=0.15)
+    proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
+    deadline = time.time() + 120
+    while ledger_done(tmp_path) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["interrupted"] == "SIGTERM"
+    assert 2 <= report["blocks_processed"] < 64
+    assert ledger_done(tmp_path) == report["blocks_processed"]  # flushed on the way out
