@@ -193,3 +193,48 @@ def test_sigterm_flushes_the_ledger_and_exits_143(setup):
     assert report["interrupted"] == "SIGTERM"
     assert 2 <= report["blocks_processed"] < 64
     assert ledger_done(tmp_path) == report["blocks_processed"]  # flushed on the way out
+
+
+HANGING = textwrap.dedent(
+    """
+    import time
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class Hangs(torch.nn.Module):
+        '''3x3x3 mean filter that hangs on blocks holding a marked voxel (value > 100).'''
+        def forward(self, x):
+            if x.max() > 100:
+                time.sleep(3600)
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build():
+        arch = WrappedArchitecture(Hangs(), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+
+
+def test_a_hanging_block_times_out_and_the_run_ends(tmp_path):
+    (tmp_path / "hangs.py").write_text(HANGING)
+    data = np.ones((26, 26, 26), dtype=np.float32)
+    data[20, 20, 20] = 1000.0  # only block (2, 2, 2) reads it
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    path = write_workflow(tmp_path / "workflow.yaml", {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"factory": "hangs:build"},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+        "cluster": {"type": "local", "n_workers": 2},
+        "execution": {"max_retries": 1, "block_timeout": 3},
+    })
+    proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["blocks_processed"] == 26 and report["blocks_failed"] == 1
+    assert report["retries"] == 1  # timed out twice: once retried, then failed
+    failed = report["failed_blocks"][0]
+    assert failed["index"] == [2, 2, 2] and "block_timeout" in failed["error"]

@@ -142,6 +142,7 @@ class ExecutionConfig(Strict):
     fail_fast: int = Field(10, ge=0)
     resume: bool = True
     grace_period: float = Field(30.0, ge=0)
+    block_timeout: float | None = Field(None, gt=0)
 
 
 class Workflow(Strict):

@@ -28,7 +28,15 @@ from .errors import BlockpredictError
 from .ledger import DONE, FAILED, Ledger
 from .plan import morton_order
 from .report import FailedBlock, PhaseTimes, RunReport
-from .worker import PLUGIN_NAME, BlockResult, Job, ModelPlugin, describe, process_blocks
+from .worker import (
+    PLUGIN_NAME,
+    BlockResult,
+    Job,
+    ModelPlugin,
+    describe,
+    process_blocks,
+    running_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,7 @@ class Dispatcher:
         self.retry: deque[int] = deque()
         self.attempts: dict[int, int] = {}
         self.owner: dict[str, list[int]] = {}
+        self.task_of: dict[int, object] = {}  # block id -> its future, while in flight
         self.futures = as_completed()
         self.token = uuid.uuid4().hex[:8]
         self.first_outcomes: list[str | None] = []
@@ -74,6 +83,7 @@ class Dispatcher:
             key = f"blocks-{self.token}-{ids[0]}-{self.attempts.get(ids[0], 0)}"
             future = self.client.submit(process_blocks, ids, key=key, pure=False)
             self.owner[future.key] = ids
+            self.task_of.update(dict.fromkeys(ids, future))
             self.futures.add(future)
 
     def _next_ids(self) -> list[int]:
@@ -83,7 +93,11 @@ class Dispatcher:
         return list(islice(self.order, n))
 
     def collect(self, future) -> None:  # type: ignore[no-untyped-def]
-        ids = self.owner.pop(future.key)
+        ids = self.owner.pop(future.key, None)
+        if ids is None:  # cancelled after a timeout: already accounted for
+            return
+        for i in ids:
+            self.task_of.pop(i, None)
         if future.status == "finished":
             results: list[BlockResult] = future.result()
         else:  # the whole task failed: a lost worker, a deserialization error, ...
@@ -116,6 +130,32 @@ class Dispatcher:
         logger.error("block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error)
         self.bar.update(1)
 
+    def check_timeouts(self) -> None:
+        """Fail blocks running longer than ``block_timeout``; restart their workers."""
+        timeout = self.execution.block_timeout
+        if timeout is None:
+            return
+        running = self.client.run(running_blocks, on_error="return")
+        hung_workers = []
+        for worker, blocks in running.items():
+            if not isinstance(blocks, dict):
+                continue
+            for block_id, seconds in blocks.items():
+                future = self.task_of.get(block_id)
+                if seconds <= timeout or future is None:
+                    continue
+                ids = self.owner.pop(future.key, [])
+                for i in ids:
+                    self.task_of.pop(i, None)
+                self.client.cancel([future], force=True)
+                error = f"TimeoutError: block ran longer than block_timeout ({timeout:g} s)"
+                self._account(BlockResult(block_id, worker=worker, error=error))
+                self.retry.extend(i for i in ids if i != block_id)  # not their fault
+                hung_workers.append(worker)
+        if hung_workers:
+            logger.warning("restarting hung workers: %s", ", ".join(hung_workers))
+            self.client.restart_workers(hung_workers, raise_for_error=False)
+
     def failing_fast(self) -> str | None:
         """The shared error when the first ``fail_fast`` attempted blocks all failed alike."""
         n = self.execution.fail_fast
@@ -125,8 +165,9 @@ class Dispatcher:
         return None
 
     def cancel_all(self) -> None:
-        self.client.cancel([f for f in self.futures.futures], force=True)
+        self.client.cancel(list(self.futures.futures), force=True)
         self.owner.clear()
+        self.task_of.clear()
 
 
 def run(
@@ -148,17 +189,21 @@ def run(
     d.report.blocks_skipped = skipped
     d.report.workers = len(workers)
     grace_end = math.inf
+    next_timeout_check = time.perf_counter()
     with _stop_on_signals(d):
         d.submit_more(window)
         try:
             while d.owner:
+                now = time.perf_counter()
+                if d.stop_reason and grace_end == math.inf:
+                    grace_end = now + execution.grace_period
+                if now > grace_end:
+                    logger.warning("grace period over: cancelling %d tasks", len(d.owner))
+                    d.cancel_all()
+                if now >= next_timeout_check:
+                    d.check_timeouts()
+                    next_timeout_check = now + 1.0
                 done = d.futures.next_batch(block=False)
-                if not done:
-                    if d.stop_reason and time.perf_counter() > grace_end:
-                        logger.warning("grace period over: cancelling %d tasks", len(d.owner))
-                        d.cancel_all()
-                    time.sleep(0.02)
-                    continue
                 for future in done:
                     d.collect(future)
                 error = d.failing_fast()
@@ -167,10 +212,10 @@ def run(
                     d.report.fail_fast_error = error
                     logger.error("the first %d blocks all failed with: %s", execution.fail_fast, error)
                     d.cancel_all()
-                if d.stop_reason and grace_end == math.inf:
-                    grace_end = time.perf_counter() + execution.grace_period
                 d.submit_more(window)
                 ledger.flush(every=2.0)
+                if not done:
+                    time.sleep(0.02)
         finally:
             ledger.flush()
             bar.close()

@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "blockpredict"
 
+# block id -> time.time() when this worker process started it (for block_timeout)
+_RUNNING: dict[int, float] = {}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -142,9 +145,18 @@ def process_blocks(block_ids: list[int]) -> list[BlockResult]:
     plugin = get_worker().plugins[PLUGIN_NAME]
     results = []
     for block_id in block_ids:
+        _RUNNING[block_id] = time.time()
         try:
             results.append(plugin.process(block_id))
         except Exception as e:
             logger.warning("block %d failed: %s", block_id, describe(e))
             results.append(BlockResult(block_id, worker=str(get_worker().name), error=describe(e)))
+        finally:
+            _RUNNING.pop(block_id, None)
     return results
+
+
+def running_blocks() -> dict[int, float]:
+    """Seconds each block in progress on this worker has run (asked by the runner)."""
+    now = time.time()
+    return {block_id: now - start for block_id, start in list(_RUNNING.items())}
