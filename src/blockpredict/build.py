@@ -35,12 +35,19 @@ def build_model(config: ModelConfig) -> Model:
     # a fixed seed: the client and every worker build identical initial weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(WEIGHT_SEED)
-        if config.factory:
-            model = _from_factory(config, activation)
-        else:
-            architecture = _architecture(config)
-            head = _head(config, architecture)
-            model = Model(architecture, head, eval_activation=activation)
+        try:
+            if config.factory:
+                model = _from_factory(config, activation)
+            else:
+                architecture = _architecture(config)
+                head = _head(config, architecture)
+                model = Model(architecture, head, eval_activation=activation)
+        except RuntimeError as e:  # the dummy forward of Model() on a zero input
+            raise ModelError(
+                f"the model fails on a zero input: {str(e).splitlines()[0]}",
+                "model.factory" if config.factory else "model",
+                "check input_shape, num_in_channels and the model",
+            ) from None
     if config.checkpoint is not None:
         load_checkpoint(model, config.checkpoint)
     return model.eval()
@@ -103,7 +110,12 @@ def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Mo
         raise ModelError(
             f"cannot import factory {name!r}: {e}", "model.factory", "write module:function"
         ) from None
-    built = function(**config.kwargs)
+    try:
+        built = function(**config.kwargs)
+    except Exception as e:
+        raise ModelError(
+            f"factory {name!r} failed: {type(e).__name__}: {e}", "model.factory", "check model.kwargs"
+        ) from None
     if hasattr(built, "compute_output_shape") and hasattr(built, "eval_input_shape"):
         if activation is not None:
             built.eval_activation = activation
@@ -126,7 +138,11 @@ def load_checkpoint(model: Model, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"cannot load checkpoint: {e}".splitlines()[0], str(path)) from None
+        raise ModelError(
+            f"cannot load checkpoint ({type(e).__name__})",
+            str(path),
+            "give a state_dict saved with torch.save(model.state_dict(), path)",
+        ) from None
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):

@@ -1,4 +1,4 @@
-"""Command line: ``blockpredict predict | plan | status | demo``.
+"""Command line: ``blockpredict predict | plan | status | demo | bench``.
 
 Bad input prints one line ``error: ...`` and exits with code 2 (a traceback
 only with ``--debug``); a run with failed blocks exits with code 1.
@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the progress of a workflow from its ledger")
     _workflow_args(status)
     status.set_defaults(func=_status)
+
+    bench = sub.add_parser("bench", help="measure start-up, dispatch rate and throughput")
+    bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    bench.add_argument("--dir", type=Path, help="keep the bench data here (default: a temp dir)")
+    bench.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
     demo.add_argument("--dir", type=Path, default=Path("blockpredict-demo"), help="work folder")
@@ -156,6 +162,18 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_results, run_bench
+
+    results = run_bench(args.dir, args.quick)
+    print(format_results(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

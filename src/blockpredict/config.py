@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -37,12 +45,12 @@ class InputConfig(Strict):
 
 
 class UNetConfig(Strict):
-    input_shape: list[int]
-    eval_shape_increase: list[int] | None = None
-    fmaps_in: int = 1
-    num_fmaps: int = 12
-    fmaps_out: int | None = None
-    fmap_inc_factor: int = 2
+    input_shape: list[PositiveInt]
+    eval_shape_increase: list[NonNegativeInt] | None = None
+    fmaps_in: PositiveInt = 1
+    num_fmaps: PositiveInt = 12
+    fmaps_out: PositiveInt | None = None
+    fmap_inc_factor: PositiveInt = 2
     downsample_factors: list[list[int]] = Field(default_factory=list)
     kernel_size_down: list[list[list[int]]] | None = None
     kernel_size_up: list[list[list[int]]] | None = None
@@ -52,8 +60,8 @@ class UNetConfig(Strict):
 
 
 class HeadConfig(Strict):
-    out_channels: int
-    kernel_size: int = 1
+    out_channels: PositiveInt
+    kernel_size: PositiveInt = 1
 
 
 class ModelConfig(Strict):
@@ -66,10 +74,10 @@ class ModelConfig(Strict):
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
-    input_shape: list[int] | None = None
-    eval_shape_increase: list[int] | None = None
-    num_in_channels: int | None = None
-    num_out_channels: int | None = None
+    input_shape: list[PositiveInt] | None = None
+    eval_shape_increase: list[NonNegativeInt] | None = None
+    num_in_channels: PositiveInt | None = None
+    num_out_channels: PositiveInt | None = None
     scale: int | list[int] = 1
     eval_activation: Literal["sigmoid", "softmax", "tanh"] | None = None
 
@@ -109,7 +117,15 @@ class RoiConfig(Strict):
     """A region in world units."""
 
     offset: list[int]
-    shape: list[int]
+    shape: list[PositiveInt]
+
+    @model_validator(mode="after")
+    def _same_dims(self) -> RoiConfig:
+        if len(self.offset) != len(self.shape):
+            raise ValueError(
+                f"offset has {len(self.offset)} values, shape has {len(self.shape)}"
+            )
+        return self
 
 
 class OutputConfig(Strict):

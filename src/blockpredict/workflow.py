@@ -18,7 +18,6 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from .build import build_model
-from .cluster import connect, torch_threads
 from .config import (
     ClusterConfig,
     ExecutionConfig,
@@ -27,11 +26,10 @@ from .config import (
     Workflow,
     validate_section,
 )
-from .errors import ModelError
+from .errors import GeometryError, ModelError
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
-from .runner import run
 from .storage import (
     InputInfo,
     OutputInfo,
@@ -102,7 +100,7 @@ def prepare(
             "use a model with at most as many dims as the input",
         )
     try:
-        channels, eval_output_shape = model.compute_output_shape(eval_input_shape)
+        channels, eval_output_shape = _output_shape(model, eval_input_shape)
     except Exception as e:
         raise ModelError(
             f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
@@ -114,6 +112,12 @@ def prepare(
     vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
     requested = None
     if output.roi is not None:
+        if len(output.roi.offset) != vin.dims:
+            raise GeometryError(
+                f"output.roi has {len(output.roi.offset)} dims, the input has {vin.dims}",
+                "output.roi",
+                "give one offset and shape value per spatial axis (world units)",
+            )
         requested = Roi(output.roi.offset, output.roi.shape)
     plan = make_plan(
         input_roi=info.roi,
@@ -129,6 +133,19 @@ def prepare(
         logger.warning(warning)
     prepared = Prepared(info, output, plan, int(channels), model_source)
     return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def _output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, Coordinate]:
+    """Channels and spatial output shape at the eval input shape.
+
+    The Model computed its ``output_shape`` at ``input_shape`` when it was built
+    (a dummy forward); reuse it where the eval shape is the same.
+    """
+    output_shape = getattr(model, "output_shape", None)
+    if output_shape is not None and Coordinate(model.input_shape) == eval_input_shape:
+        return int(model.num_out_channels), Coordinate(output_shape)
+    channels, shape = model.compute_output_shape(eval_input_shape)
+    return int(channels), Coordinate(shape)
 
 
 def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
@@ -159,10 +176,11 @@ def _phase(model: Any) -> Coordinate | None:
 
 def prepare_workflow(workflow: Workflow) -> Prepared:
     """Build the model and check the workflow against the data; writes nothing."""
+    model = build_model(workflow.model)
+    prepared = prepare(workflow.input, workflow.output, workflow.model, model, workflow.execution)
     if workflow.model.unet is not None and workflow.model.checkpoint is None:
         logger.warning("model.checkpoint is not set: the U-Net has untrained weights (seed 0)")
-    model = build_model(workflow.model)
-    return prepare(workflow.input, workflow.output, workflow.model, model, workflow.execution)
+    return prepared
 
 
 def execute(
@@ -173,6 +191,9 @@ def execute(
     progress: bool = True,
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
+    from .cluster import connect, torch_threads  # Dask is imported only to run
+    from .runner import run
+
     out = prepared.output
     plan = prepared.plan
     info = OutputInfo(
