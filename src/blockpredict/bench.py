@@ -204,7 +204,7 @@ def run_bench(folder: Path | None, quick: bool) -> dict[str, Any]:
                                        repeats),
         }
         if not quick:
-            results["unet"] = bench_unet(root, 200, repeats)
+            results["unet"] = bench_unet(root, 292, repeats)  # 3^3 whole blocks
         results["bench_seconds"] = time.perf_counter() - t0
         return results
 

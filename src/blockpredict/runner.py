@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
 
-from distributed import Client, as_completed
+from distributed import Client, as_completed, wait
 from tqdm import tqdm
 
 from .config import ExecutionConfig
@@ -130,6 +130,13 @@ class Dispatcher:
         logger.error("block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error)
         self.bar.update(1)
 
+    def wait_any(self, timeout: float) -> None:
+        """Block until a task finishes or ``timeout`` passes (signals and timeouts get a turn)."""
+        try:
+            wait(list(self.futures.futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+
     def check_timeouts(self) -> None:
         """Fail blocks running longer than ``block_timeout``; restart their workers."""
         timeout = self.execution.block_timeout
@@ -179,7 +186,7 @@ def run(
     _register(client, job)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     threads = sum(w["nthreads"] for w in workers.values()) or 1
-    window = max(4, 2 * threads)
+    window = max(8, 4 * threads)
     skipped = ledger.counts()["done"]
     bar = tqdm(
         total=plan.num_blocks, initial=skipped, unit="block", disable=not progress,
@@ -214,8 +221,8 @@ def run(
                     d.cancel_all()
                 d.submit_more(window)
                 ledger.flush(every=2.0)
-                if not done:
-                    time.sleep(0.02)
+                if not done and d.owner:
+                    d.wait_any(timeout=0.2)
         finally:
             ledger.flush()
             bar.close()
