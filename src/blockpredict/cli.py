@@ -1,4 +1,4 @@
-"""Command line: ``blockpredict predict | plan | status | demo | bench``.
+"""Command line: ``blockpredict predict | plan | submit | status | demo | bench``.
 
 Bad input prints one line ``error: ...`` and exits with code 2 (a traceback
 only with ``--debug``); a run with failed blocks exits with code 1.
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     _workflow_args(plan)
     plan.set_defaults(func=_plan)
 
+    submit = sub.add_parser("submit", help="check a workflow, then run predict as a batch job")
+    _workflow_args(submit)
+    submit.add_argument("--report", type=Path, help="where the job writes its JSON report")
+    submit.set_defaults(func=_submit)
+
     status = sub.add_parser("status", help="print the progress of a workflow from its ledger")
     _workflow_args(status)
     status.set_defaults(func=_status)
@@ -104,6 +109,21 @@ def _plan(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, args.overrides)
     prepared = prepare_workflow(workflow)
     print(describe_plan(prepared))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from .config import load_workflow
+    from .submit import submit
+    from .workflow import prepare_workflow
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    prepare_workflow(workflow)  # bad input fails here, not in the queue
+    submission = submit(args.workflow, workflow, args.overrides, args.report)
+    print(f"job: {submission.job_id}")
+    print(f"script: {submission.script}")
+    print(f"logs: {submission.log_directory}")
+    print(f"report: {submission.report}")
     return 0
 
 

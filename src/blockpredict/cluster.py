@@ -1,4 +1,8 @@
-"""Build the Dask client a run talks to, from the ``cluster`` section."""
+"""Build the Dask client a run talks to, from the ``cluster`` section.
+
+A local cluster listens on loopback only; batch clusters (see ``jobqueue``)
+use TLS with per-run certificates; ``address`` joins a running scheduler.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         finally:
             client.close()
         return
+    if config.is_batch:
+        from .jobqueue import batch_cluster
+
+        with batch_cluster(config) as client:
+            yield client
+        return
     if config.device == "cuda" and not _has_cuda():
         raise ConfigError(
             "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
@@ -56,7 +66,7 @@ def _has_cuda() -> bool:
 def torch_threads(config: ClusterConfig) -> int:
     """Torch threads per worker task on the CPU: the worker's share of the cores."""
     if config.type != "local":
-        return config.threads_per_worker
+        return config.threads_per_worker  # a batch job's cores are its workers' threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     share = (cores or 1) // (config.n_workers * config.threads_per_worker)
     return max(1, share)

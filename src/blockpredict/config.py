@@ -137,19 +137,51 @@ class OutputConfig(Strict):
     overwrite: bool = False
 
 
+class AdaptConfig(Strict):
+    """Adaptive number of worker processes (batch clusters)."""
+
+    minimum: NonNegativeInt = 0
+    maximum: PositiveInt
+
+    @model_validator(mode="after")
+    def _order(self) -> AdaptConfig:
+        if self.minimum > self.maximum:
+            raise ValueError(f"minimum {self.minimum} exceeds maximum {self.maximum}")
+        return self
+
+
+BATCH_TYPES = ("slurm", "lsf", "pbs", "sge")
+
+
 class ClusterConfig(Strict):
-    type: Literal["local", "address"] = "local"
+    type: Literal["local", "slurm", "lsf", "pbs", "sge", "address"] = "local"
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     address: str | None = None
     dashboard_address: str = "127.0.0.1:8787"
+    jobqueue: dict[str, Any] = Field(default_factory=dict)
+    adapt: AdaptConfig | None = None
+    gpus_per_job: NonNegativeInt = 0
+    tls: bool = True
+    worker_timeout: float = Field(300.0, gt=0)
 
     @model_validator(mode="after")
     def _address(self) -> ClusterConfig:
         if self.type == "address" and not self.address:
             raise ValueError("cluster type 'address' needs address: tcp://host:port")
+        batch_only = [
+            k for k in ("jobqueue", "adapt", "gpus_per_job") if getattr(self, k)
+        ]
+        if self.type not in BATCH_TYPES and batch_only:
+            raise ValueError(
+                f"{', '.join(batch_only)} only apply to cluster types {', '.join(BATCH_TYPES)}"
+            )
         return self
+
+    @property
+    def is_batch(self) -> bool:
+        return self.type in BATCH_TYPES
 
 
 class ExecutionConfig(Strict):

@@ -74,6 +74,7 @@ class Dispatcher:
         self.token = uuid.uuid4().hex[:8]
         self.first_outcomes: list[str | None] = []
         self.stop_reason: str | None = None
+        self.worker_names: set[str] = set()
 
     def submit_more(self, window: int) -> None:
         while len(self.owner) < window and self.stop_reason is None:
@@ -114,6 +115,7 @@ class Dispatcher:
         if result.error is None:
             self.ledger.mark(block_id, DONE)
             report.blocks_processed += 1
+            self.worker_names.add(result.worker)
             self.phases.add(result)
             self.bar.update(1)
             return
@@ -178,15 +180,24 @@ class Dispatcher:
 
 
 def run(
-    client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, progress: bool = True
+    client: Client,
+    job: Job,
+    ledger: Ledger,
+    execution: ExecutionConfig,
+    progress: bool = True,
+    expected_threads: int = 0,
 ) -> RunReport:
-    """Process every pending block of ``job.plan`` on ``client``'s workers."""
+    """Process every pending block of ``job.plan`` on ``client``'s workers.
+
+    ``expected_threads`` sizes the window for workers that are still arriving
+    (batch clusters), so adaptive scaling sees enough queued work.
+    """
     plan = job.plan
     start = time.perf_counter()
     _register(client, job)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     threads = sum(w["nthreads"] for w in workers.values()) or 1
-    window = max(8, 4 * threads)
+    window = max(8, 4 * max(threads, expected_threads))
     skipped = ledger.counts()["done"]
     bar = tqdm(
         total=plan.num_blocks, initial=skipped, unit="block", disable=not progress,
@@ -227,6 +238,7 @@ def run(
             ledger.flush()
             bar.close()
     report = d.report
+    report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
     report.wall_seconds = time.perf_counter() - start
     voxels = report.blocks_processed / max(1, plan.num_blocks) * math.prod(plan.output_shape)

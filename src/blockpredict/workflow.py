@@ -228,7 +228,11 @@ def execute(
                 out.overwrite,
             )
             ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
-        return run(client, job, ledger, execution, progress=progress)
+        expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
+        return run(
+            client, job, ledger, execution, progress=progress,
+            expected_threads=expected * cluster.threads_per_worker,
+        )
 
 
 def predict_workflow(workflow: Workflow, progress: bool = True) -> RunReport:
