@@ -225,3 +225,12 @@ def test_workers_that_never_arrive_time_out_with_the_reason(tmp_path, slurm):
     while our_jobs("blockpredict-worker") and time.time() < deadline:
         time.sleep(0.5)
     assert not our_jobs("blockpredict-worker")
+
+
+@pytest.mark.parametrize("kind", ["slurm", "lsf", "pbs", "sge"])
+def test_ready_to_edit_configs_render(kind):
+    import yaml
+
+    section = yaml.safe_load((TESTBED.parent / f"{kind}.yaml").read_text())["cluster"]
+    script = job_script(ClusterConfig.model_validate(section))
+    assert "--nworkers 4" in script and "gpu" in script and "--lifetime" in script
