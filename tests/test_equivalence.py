@@ -207,3 +207,33 @@ def test_output_dtypes(tmp_path, cluster_address, dtype, tolerance):
     if dtype == "uint8":
         expected = expected * 255
     assert max_abs_diff(got, expected) <= tolerance
+
+
+@pytest.mark.parametrize("normalize", [{"scale": 0.01, "shift": -1.0}, "none"])
+def test_zarr_v2_input_and_explicit_normalization(tmp_path, cluster_address, normalize):
+    import zarr
+
+    data = volume_of((40, 40, 40))
+    array = zarr.create_array(str(tmp_path / "in.zarr" / "raw"), shape=data.shape,
+                              chunks=(16, 16, 16), dtype=data.dtype, zarr_format=2)
+    array[:] = data
+    array.attrs.update({"voxel_size": [2, 2, 2], "offset": [4, 4, 4],
+                        "axis_names": ["z", "y", "x"]})
+    workflow = write_workflow(tmp_path / "workflow.yaml", {
+        "input": {"container": "in.zarr", "dataset": "raw", "normalize": normalize},
+        "model": {"unet": UNET_3D, "head": {"out_channels": 1}},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+        "cluster": {"type": "address", "address": cluster_address},
+    })
+    loaded = load_workflow(workflow)
+    plan = prepare_workflow(loaded).plan
+    assert predict_workflow(loaded, progress=False).exit_code == 0
+    volume = data.astype(np.float32)[None]
+    if normalize != "none":
+        volume = volume * np.float32(0.01) - np.float32(1.0)
+    expected = reference(build_model(loaded.model), volume,
+                         Roi((4, 4, 4), (80, 80, 80)), Coordinate(2, 2, 2), plan)
+    got = read_output(tmp_path / "out.zarr" / "pred")
+    assert plan.output_roi == Roi((20, 20, 20), (48, 48, 48))
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "pred")).chunks == (1, 12, 12, 12)
+    assert max_abs_diff(got, expected) <= TOLERANCE
