@@ -34,6 +34,7 @@ from .worker import (
     Job,
     ModelPlugin,
     describe,
+    kill_this_worker,
     process_blocks,
     running_blocks,
 )
@@ -163,7 +164,7 @@ class Dispatcher:
                 hung_workers.append(worker)
         if hung_workers:
             logger.warning("restarting hung workers: %s", ", ".join(hung_workers))
-            self.client.restart_workers(hung_workers, raise_for_error=False)
+            self.client.run(kill_this_worker, workers=hung_workers, on_error="return")
 
     def failing_fast(self) -> str | None:
         """The shared error when the first ``fail_fast`` attempted blocks all failed alike."""
