@@ -21,7 +21,10 @@ from blockpredict.plan import BlockPlan
 def cluster_address():
     """One cluster for the session: 2 worker processes, 1 thread each."""
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
         dashboard_address=":0",
     ) as cluster:
         yield cluster.scheduler_address
@@ -74,13 +77,16 @@ def reference(
     inside = region.intersect(input_roi)
     src = tuple(
         slice(b, e)
-        for b, e in zip((inside.begin - input_roi.begin) / voxel_size,
-                        (inside.end - input_roi.begin) / voxel_size)
+        for b, e in zip(
+            (inside.begin - input_roi.begin) / voxel_size,
+            (inside.end - input_roi.begin) / voxel_size,
+        )
     )
     dst = tuple(
         slice(b, e)
-        for b, e in zip((inside.begin - region.begin) / voxel_size,
-                        (inside.end - region.begin) / voxel_size)
+        for b, e in zip(
+            (inside.begin - region.begin) / voxel_size, (inside.end - region.begin) / voxel_size
+        )
     )
     canvas[(slice(None), *dst)] = volume[(slice(None), *src)]
     model_dims = len(model.eval_input_shape)
@@ -120,4 +126,8 @@ def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if math.prod(a.shape) else 0.0
+    return (
+        float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+        if math.prod(a.shape)
+        else 0.0
+    )

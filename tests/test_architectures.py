@@ -15,7 +15,10 @@ from blockpredict.model import Model
 
 def _unet2d(**kwargs: object) -> UNet:
     args: dict[str, object] = dict(
-        input_shape=(44, 44), fmaps_in=1, num_fmaps=4, fmap_inc_factor=2,
+        input_shape=(44, 44),
+        fmaps_in=1,
+        num_fmaps=4,
+        fmap_inc_factor=2,
         downsample_factors=[(2, 2), (2, 2)],
     )
     args.update(kwargs)
@@ -57,8 +60,13 @@ def test_unet_same_padding_keeps_shape() -> None:
 def test_unet_anisotropic() -> None:
     k = [(1, 3, 3), (1, 3, 3)]
     unet = UNet(
-        (5, 44, 44), 1, 2, 2, [(1, 2, 2), (1, 2, 2)],
-        kernel_size_down=[k, k, k], kernel_size_up=[k, k],
+        (5, 44, 44),
+        1,
+        2,
+        2,
+        [(1, 2, 2), (1, 2, 2)],
+        kernel_size_down=[k, k, k],
+        kernel_size_up=[k, k],
     )
     assert Model(unet, torch.nn.Identity()).output_shape == Coordinate((5, 4, 4))
     assert unet.downsample_factor_product == Coordinate((1, 4, 4))

@@ -107,7 +107,9 @@ class Project:
         self.output = root / "out.zarr"
         self.report = root / "report.json"
         make_dataset(
-            root / "data.zarr" / "raw", (40, 40, 40), fill=(np.arange(40**3) % 251).astype(np.uint8).reshape(40, 40, 40)
+            root / "data.zarr" / "raw",
+            (40, 40, 40),
+            fill=(np.arange(40**3) % 251).astype(np.uint8).reshape(40, 40, 40),
         )
         save_checkpoint(root / "model.pt", UNET)
         self.workflow: dict[str, Any] = {
@@ -142,7 +144,12 @@ class Project:
     def predict(self, *extra: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
         workflow = self.write_workflow()
         return self.cli(
-            "predict", str(workflow), "--report", str(self.report), "--no-progress", *extra,
+            "predict",
+            str(workflow),
+            "--report",
+            str(self.report),
+            "--no-progress",
+            *extra,
             debug=debug,
         )
 
@@ -396,7 +403,9 @@ def test_predict_rejects_bad_input(project: Project, case: Case) -> None:
 
 
 def test_predict_rejects_missing_workflow_file(project: Project) -> None:
-    result = project.cli("predict", str(project.root / "nope.yaml"), "--report", str(project.report))
+    result = project.cli(
+        "predict", str(project.root / "nope.yaml"), "--report", str(project.report)
+    )
     assert_rejected(result, project, "workflow file not found", "nope.yaml")
 
 

@@ -10,7 +10,10 @@ import sys
 def test_bench_quick_prints_figures(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "blockpredict.cli", "bench", "--quick", "--json", "bench.json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "blocks/s" in result.stdout and "plan" in result.stdout

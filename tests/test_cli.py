@@ -30,19 +30,25 @@ UNET = {
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, **(env or {})},
     )
 
 
 def basic_workflow(tmp_path: Path, **output) -> Path:
     make_input(tmp_path / "in.zarr" / "raw", volume_of((48, 48, 48)), (4, 4, 4))
-    return write_workflow(tmp_path / "workflow.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UNET, "head": {"out_channels": 2}},
-        "output": {"container": "out.zarr", "dataset": "pred", **output},
-        "cluster": {"type": "local", "n_workers": 2},
-    })
+    return write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": "pred", **output},
+            "cluster": {"type": "local", "n_workers": 2},
+        },
+    )
 
 
 def test_demo(tmp_path):
@@ -77,8 +83,15 @@ def test_predict_with_set_and_report(tmp_path):
     path = basic_workflow(tmp_path)
     report_path = tmp_path / "report.json"
     result = cli(
-        "predict", str(path), "--set", "output.dataset=other", "--set", "output.dtype=float16",
-        "--report", str(report_path), cwd=tmp_path,
+        "predict",
+        str(path),
+        "--set",
+        "output.dataset=other",
+        "--set",
+        "output.dtype=float16",
+        "--report",
+        str(report_path),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
@@ -120,15 +133,24 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
     data = np.ones((26, 26, 26), dtype=np.float32)
     data[20, 20, 20] = 1000.0  # read by the blocks around it only
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
-    path = write_workflow(tmp_path / "workflow.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"factory": "picky:build"},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        "cluster": {"type": "local", "n_workers": 1},
-        "execution": {"max_retries": 1},
-    })
-    result = cli("predict", str(path), "--report", "report.json", cwd=tmp_path,
-                 env={"PYTHONPATH": str(tmp_path)})
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "picky:build"},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"type": "local", "n_workers": 1},
+            "execution": {"max_retries": 1},
+        },
+    )
+    result = cli(
+        "predict",
+        str(path),
+        "--report",
+        "report.json",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 1, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     # output ROI [1, 25)^3 in blocks of 8: blocks reading voxel 20 are those whose
@@ -150,8 +172,13 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
 def test_python_api(tmp_path, cluster_address):
     make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (2, 2, 2))
     torch.manual_seed(3)
-    architecture = UNet(input_shape=Coordinate(28, 28, 28), fmaps_in=1, num_fmaps=3,
-                        fmap_inc_factor=2, downsample_factors=[(2, 2, 2)])
+    architecture = UNet(
+        input_shape=Coordinate(28, 28, 28),
+        fmaps_in=1,
+        num_fmaps=3,
+        fmap_inc_factor=2,
+        downsample_factors=[(2, 2, 2)],
+    )
     model = blockpredict.Model(architecture, torch.nn.Conv3d(3, 2, 1), torch.nn.Sigmoid())
     report = blockpredict.predict(
         model,
@@ -165,7 +192,12 @@ def test_python_api(tmp_path, cluster_address):
     volume = volume_of((40, 40, 40)).astype(np.float32)[None] / 255
     from blockpredict.plan import make_plan
 
-    plan = make_plan(Roi((0, 0, 0), (80, 80, 80)), Coordinate(2, 2, 2), Coordinate(2, 2, 2),
-                     Coordinate(28, 28, 28), Coordinate(12, 12, 12))
+    plan = make_plan(
+        Roi((0, 0, 0), (80, 80, 80)),
+        Coordinate(2, 2, 2),
+        Coordinate(2, 2, 2),
+        Coordinate(28, 28, 28),
+        Coordinate(12, 12, 12),
+    )
     expected = reference(model, volume, Roi((0, 0, 0), (80, 80, 80)), Coordinate(2, 2, 2), plan)
     assert max_abs_diff(got, expected) <= 1e-4

@@ -40,10 +40,14 @@ UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 
     ],
 )
 def test_job_scripts_request_gpus_and_retire_workers_before_walltime(kind, walltime, gpu_line):
-    config = ClusterConfig.model_validate({
-        "type": kind, "gpus_per_job": 2, "threads_per_worker": 2,
-        "jobqueue": {"memory": "32GB", "walltime": walltime, "queue": "gpu"},
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "type": kind,
+            "gpus_per_job": 2,
+            "threads_per_worker": 2,
+            "jobqueue": {"memory": "32GB", "walltime": walltime, "queue": "gpu"},
+        }
+    )
     lines = job_script(config).splitlines()
     assert gpu_line in lines
     command = lines[-1]
@@ -64,8 +68,9 @@ def test_walltime_and_lifetime():
 
 
 def test_unknown_jobqueue_option_gets_a_hint():
-    config = ClusterConfig.model_validate({"type": "slurm", "jobqueue": {"memory": "1GB",
-                                                                          "walltme": "01:00:00"}})
+    config = ClusterConfig.model_validate(
+        {"type": "slurm", "jobqueue": {"memory": "1GB", "walltme": "01:00:00"}}
+    )
     with pytest.raises(ConfigError, match="unknown SLURMCluster option 'walltme'.*'walltime'"):
         job_script(config)
 
@@ -74,22 +79,34 @@ def test_unknown_cluster_type_is_a_config_error():
     with pytest.raises(Exception, match="cluster.type"):
         from blockpredict.config import validate_workflow
 
-        validate_workflow({"input": {"container": "a", "dataset": "b"},
-                           "model": {"factory": "m:f"}, "output": {"container": "c"},
-                           "cluster": {"type": "kubernetes"}})
+        validate_workflow(
+            {
+                "input": {"container": "a", "dataset": "b"},
+                "model": {"factory": "m:f"},
+                "output": {"container": "c"},
+                "cluster": {"type": "kubernetes"},
+            }
+        )
 
 
 def test_unreachable_scheduler_is_exit_2_quickly(tmp_path):
     make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (1, 1, 1))
-    path = write_workflow(tmp_path / "wf.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UNET, "head": {"out_channels": 1}},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        "cluster": {"type": "address", "address": "tcp://127.0.0.1:9"},
-    })
+    path = write_workflow(
+        tmp_path / "wf.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 1}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"type": "address", "address": "tcp://127.0.0.1:9"},
+        },
+    )
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "blockpredict.cli", "predict", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "predict", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "error: no Dask scheduler answers at tcp://127.0.0.1:9" in result.stderr
     assert time.time() - start < 60
@@ -127,24 +144,36 @@ def our_jobs(name: str = "blockpredict") -> list[str]:
 
 def slurm_workflow(tmp_path: Path, **cluster) -> Path:
     make_input(tmp_path / "in.zarr" / "raw", volume_of((48, 48, 48)), (2, 2, 2))
-    return write_workflow(tmp_path / "wf.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UNET, "head": {"out_channels": 2}},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        # loopback: the scheduler and its workers talk on this machine only
-        "cluster": {"type": "slurm", "n_workers": 2, **cluster,
-                    "jobqueue": {"memory": "2GB", "walltime": "00:20:00", "interface": "lo",
-                                 "log_directory": str(tmp_path / "logs"),
-                                 **cluster.pop("jobqueue", {})}},
-    })
+    return write_workflow(
+        tmp_path / "wf.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            # loopback: the scheduler and its workers talk on this machine only
+            "cluster": {
+                "type": "slurm",
+                "n_workers": 2,
+                **cluster,
+                "jobqueue": {
+                    "memory": "2GB",
+                    "walltime": "00:20:00",
+                    "interface": "lo",
+                    "log_directory": str(tmp_path / "logs"),
+                    **cluster.pop("jobqueue", {}),
+                },
+            },
+        },
+    )
 
 
 def expected_output(path: Path) -> np.ndarray:
     workflow = load_workflow(path)
     plan = prepare_workflow(workflow).plan
     volume = volume_of((48, 48, 48)).astype(np.float32)[None] / 255
-    return reference(build_model(workflow.model), volume, Roi((0, 0, 0), (96, 96, 96)),
-                     Coordinate(2, 2, 2), plan)
+    return reference(
+        build_model(workflow.model), volume, Roi((0, 0, 0), (96, 96, 96)), Coordinate(2, 2, 2), plan
+    )
 
 
 def test_predict_on_slurm(tmp_path, slurm):
@@ -162,9 +191,20 @@ def test_predict_on_slurm(tmp_path, slurm):
     watcher.start()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "blockpredict.cli", "predict", str(path), "--report",
-             "report.json", "--no-progress"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "blockpredict.cli",
+                "predict",
+                str(path),
+                "--report",
+                "report.json",
+                "--no-progress",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     finally:
         stop.set()
@@ -185,9 +225,19 @@ def test_submit_runs_predict_as_a_job(tmp_path, slurm):
     path = slurm_workflow(tmp_path)
     expected = expected_output(path)
     result = subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "submit", str(path), "--report",
-         str(tmp_path / "report.json")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "blockpredict.cli",
+            "submit",
+            str(path),
+            "--report",
+            str(tmp_path / "report.json"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
@@ -208,11 +258,15 @@ def test_submit_runs_predict_as_a_job(tmp_path, slurm):
 
 
 def test_workers_that_never_arrive_time_out_with_the_reason(tmp_path, slurm):
-    path = slurm_workflow(tmp_path, worker_timeout=8,
-                          jobqueue={"job_extra_directives": ["--begin=now+1hour"]})
+    path = slurm_workflow(
+        tmp_path, worker_timeout=8, jobqueue={"job_extra_directives": ["--begin=now+1hour"]}
+    )
     result = subprocess.run(
         [sys.executable, "-m", "blockpredict.cli", "predict", str(path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -21,8 +21,14 @@ def test_the_annotated_example_is_a_valid_workflow():
 
 
 def test_set_overrides_parse_yaml_values():
-    workflow = load_workflow(EXAMPLE, ["cluster.n_workers=4", "output.roi={offset: [0, 0, 0], shape: [8, 8, 8]}",
-                                       "model.checkpoint=null"])
+    workflow = load_workflow(
+        EXAMPLE,
+        [
+            "cluster.n_workers=4",
+            "output.roi={offset: [0, 0, 0], shape: [8, 8, 8]}",
+            "model.checkpoint=null",
+        ],
+    )
     assert workflow.cluster.n_workers == 4
     assert workflow.output.roi is not None and workflow.output.roi.shape == [8, 8, 8]
     assert workflow.model.checkpoint is None
@@ -31,14 +37,29 @@ def test_set_overrides_parse_yaml_values():
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"output": {"container": "o", "overwrit": True}}, "unknown key 'output.overwrit'.*did you mean 'overwrite'"),
+        (
+            {"output": {"container": "o", "overwrit": True}},
+            "unknown key 'output.overwrit'.*did you mean 'overwrite'",
+        ),
         ({"execution": {"blocks_per_tsk": 2}}, "did you mean 'blocks_per_task'"),
         ({"cluster": {"type": "slurm", "gpus_per_jobs": 1}}, "did you mean 'gpus_per_job'"),
         ({"cluster": {"type": "local", "gpus_per_job": 2}}, "only apply to cluster types slurm"),
-        ({"cluster": {"adapt": {"minimum": 3, "maximum": 2}, "type": "slurm"}}, "minimum 3 exceeds maximum 2"),
-        ({"model": {"unet": {"input_shape": [8, 8]}, "head": {"out_channels": 1}, "scale": 2}}, "belong in the unet section"),
-        ({"model": {"torchscript": "m.pt"}}, "declare input_shape, num_in_channels, num_out_channels"),
-        ({"output": {"container": "o", "roi": {"offset": [0, 0], "shape": [1]}}}, "offset has 2 values, shape has 1"),
+        (
+            {"cluster": {"adapt": {"minimum": 3, "maximum": 2}, "type": "slurm"}},
+            "minimum 3 exceeds maximum 2",
+        ),
+        (
+            {"model": {"unet": {"input_shape": [8, 8]}, "head": {"out_channels": 1}, "scale": 2}},
+            "belong in the unet section",
+        ),
+        (
+            {"model": {"torchscript": "m.pt"}},
+            "declare input_shape, num_in_channels, num_out_channels",
+        ),
+        (
+            {"output": {"container": "o", "roi": {"offset": [0, 0], "shape": [1]}}},
+            "offset has 2 values, shape has 1",
+        ),
     ],
 )
 def test_bad_sections_are_one_clear_error(raw, message):

@@ -63,18 +63,26 @@ def run_case(
         volume = volume[None]
     if normalize == "auto" and data.dtype == np.uint8:
         volume = volume / 255.0
-    input_roi = Roi(Coordinate(offset or (0,) * len(voxel_size)),
-                    Coordinate(volume.shape[1:]) * Coordinate(voxel_size))
+    input_roi = Roi(
+        Coordinate(offset or (0,) * len(voxel_size)),
+        Coordinate(volume.shape[1:]) * Coordinate(voxel_size),
+    )
     expected = reference(
         ref_model if ref_model is not None else build_model(loaded.model),
-        volume, input_roi, Coordinate(voxel_size), plan,
+        volume,
+        input_roi,
+        Coordinate(voxel_size),
+        plan,
     )
     return read_output(tmp_path / "out.zarr" / "pred"), expected, plan
 
 
 def test_3d_isotropic(tmp_path, cluster_address):
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((48, 48, 48)), (1, 1, 1),
+        tmp_path,
+        cluster_address,
+        volume_of((48, 48, 48)),
+        (1, 1, 1),
         {"unet": UNET_3D, "head": {"out_channels": 2}},
     )
     assert plan.context == Coordinate(8, 8, 8)
@@ -97,15 +105,24 @@ def test_3d_anisotropic_with_checkpoint_and_offset(tmp_path, cluster_address):
     model = {"unet": unet, "head": {"out_channels": 1}, "eval_activation": "sigmoid"}
     torch.manual_seed(123)  # weights unlike the default seed: the checkpoint must be used
     trained = UNet(
-        input_shape=Coordinate(12, 28, 28), fmaps_in=1, num_fmaps=3, fmap_inc_factor=2,
+        input_shape=Coordinate(12, 28, 28),
+        fmaps_in=1,
+        num_fmaps=3,
+        fmap_inc_factor=2,
         downsample_factors=[(1, 2, 2)],
-        kernel_size_down=unet["kernel_size_down"], kernel_size_up=unet["kernel_size_up"],
+        kernel_size_down=unet["kernel_size_down"],
+        kernel_size_up=unet["kernel_size_up"],
     )
     ref = blockpredict.Model(trained, torch.nn.Conv3d(3, 1, 1), torch.nn.Sigmoid())
     torch.save(ref.state_dict(), tmp_path / "weights.pt")
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((24, 50, 50)), (40, 8, 8),
-        {**model, "checkpoint": "weights.pt"}, offset=(400, 80, 80), ref_model=ref,
+        tmp_path,
+        cluster_address,
+        volume_of((24, 50, 50)),
+        (40, 8, 8),
+        {**model, "checkpoint": "weights.pt"},
+        offset=(400, 80, 80),
+        ref_model=ref,
     )
     assert plan.output_voxel_size == Coordinate(40, 8, 8)
     assert plan.context == Coordinate(80, 64, 64)
@@ -116,7 +133,10 @@ def test_3d_anisotropic_with_checkpoint_and_offset(tmp_path, cluster_address):
 def test_upsampling_unet_halves_the_voxel_size(tmp_path, cluster_address):
     unet = {**UNET_3D, "upsample_factors": [[2, 2, 2]]}
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((40, 40, 40)), (8, 8, 8),
+        tmp_path,
+        cluster_address,
+        volume_of((40, 40, 40)),
+        (8, 8, 8),
         {"unet": unet, "head": {"out_channels": 1}},
     )
     assert plan.output_voxel_size == Coordinate(4, 4, 4)
@@ -132,7 +152,10 @@ def test_upsampling_unet_halves_the_voxel_size(tmp_path, cluster_address):
 def test_2d_model_on_a_3d_volume(tmp_path, cluster_address):
     unet = {**UNET_3D, "input_shape": [28, 28], "downsample_factors": [[2, 2]]}
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((5, 40, 40)), (1, 1, 1),
+        tmp_path,
+        cluster_address,
+        volume_of((5, 40, 40)),
+        (1, 1, 1),
         {"unet": unet, "head": {"out_channels": 2}},
     )
     assert plan.read_shape == Coordinate(1, 28, 28)
@@ -142,8 +165,12 @@ def test_2d_model_on_a_3d_volume(tmp_path, cluster_address):
 
 def test_border_pad_predicts_the_whole_input(tmp_path, cluster_address):
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((30, 30, 30)), (1, 1, 1),
-        {"unet": UNET_3D, "head": {"out_channels": 1}}, output={"border": "pad"},
+        tmp_path,
+        cluster_address,
+        volume_of((30, 30, 30)),
+        (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 1}},
+        output={"border": "pad"},
     )
     assert plan.output_roi == Roi((0, 0, 0), (30, 30, 30))
     assert max_abs_diff(got, expected) <= TOLERANCE
@@ -152,8 +179,12 @@ def test_border_pad_predicts_the_whole_input(tmp_path, cluster_address):
 def test_requested_roi_not_a_multiple_of_the_block(tmp_path, cluster_address):
     roi = {"offset": [10, 12, 9], "shape": [25, 17, 30]}
     got, expected, plan = run_case(
-        tmp_path, cluster_address, volume_of((50, 50, 50)), (1, 1, 1),
-        {"unet": UNET_3D, "head": {"out_channels": 1}}, output={"roi": roi},
+        tmp_path,
+        cluster_address,
+        volume_of((50, 50, 50)),
+        (1, 1, 1),
+        {"unet": UNET_3D, "head": {"out_channels": 1}},
+        output={"roi": roi},
     )
     assert plan.output_roi == Roi((10, 12, 9), (25, 17, 30))
     assert got.shape == (1, 25, 17, 30)
@@ -163,8 +194,12 @@ def test_requested_roi_not_a_multiple_of_the_block(tmp_path, cluster_address):
 def test_multichannel_float_input(tmp_path, cluster_address):
     data = np.stack([volume_of((36, 36, 36), s) for s in (1, 2)]).astype(np.float32) / 100
     got, expected, _ = run_case(
-        tmp_path, cluster_address, data, (1, 1, 1),
-        {"unet": {**UNET_3D, "fmaps_in": 2}, "head": {"out_channels": 1}}, channels=True,
+        tmp_path,
+        cluster_address,
+        data,
+        (1, 1, 1),
+        {"unet": {**UNET_3D, "fmaps_in": 2}, "head": {"out_channels": 1}},
+        channels=True,
     )
     assert max_abs_diff(got, expected) <= TOLERANCE
 
@@ -172,8 +207,13 @@ def test_multichannel_float_input(tmp_path, cluster_address):
 @pytest.mark.parametrize("kind", ["torchscript", "exported"])
 def test_torchscript_and_exported_files(tmp_path, cluster_address, kind):
     torch.manual_seed(7)
-    unet = UNet(input_shape=Coordinate(28, 28, 28), fmaps_in=1, num_fmaps=3,
-                fmap_inc_factor=2, downsample_factors=[(2, 2, 2)])
+    unet = UNet(
+        input_shape=Coordinate(28, 28, 28),
+        fmaps_in=1,
+        num_fmaps=3,
+        fmap_inc_factor=2,
+        downsample_factors=[(2, 2, 2)],
+    )
     module = torch.nn.Sequential(unet, torch.nn.Conv3d(3, 2, 1)).eval()
     example = torch.zeros(1, 1, 28, 28, 28)
     if kind == "torchscript":
@@ -190,8 +230,12 @@ def test_torchscript_and_exported_files(tmp_path, cluster_address, kind):
     ref = blockpredict.Model(unet, torch.nn.Identity())
     ref.chain = module
     got, expected, _ = run_case(
-        tmp_path, cluster_address, volume_of((44, 44, 44)), (1, 1, 1),
-        {**source, **declared}, ref_model=ref,
+        tmp_path,
+        cluster_address,
+        volume_of((44, 44, 44)),
+        (1, 1, 1),
+        {**source, **declared},
+        ref_model=ref,
     )
     assert max_abs_diff(got, expected) <= TOLERANCE
 
@@ -199,7 +243,10 @@ def test_torchscript_and_exported_files(tmp_path, cluster_address, kind):
 @pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-3), ("uint8", 0.5)])
 def test_output_dtypes(tmp_path, cluster_address, dtype, tolerance):
     got, expected, _ = run_case(
-        tmp_path, cluster_address, volume_of((40, 40, 40)), (1, 1, 1),
+        tmp_path,
+        cluster_address,
+        volume_of((40, 40, 40)),
+        (1, 1, 1),
         {"unet": UNET_3D, "head": {"out_channels": 1}, "eval_activation": "sigmoid"},
         output={"dtype": dtype},
     )
@@ -214,25 +261,35 @@ def test_zarr_v2_input_and_explicit_normalization(tmp_path, cluster_address, nor
     import zarr
 
     data = volume_of((40, 40, 40))
-    array = zarr.create_array(str(tmp_path / "in.zarr" / "raw"), shape=data.shape,
-                              chunks=(16, 16, 16), dtype=data.dtype, zarr_format=2)
+    array = zarr.create_array(
+        str(tmp_path / "in.zarr" / "raw"),
+        shape=data.shape,
+        chunks=(16, 16, 16),
+        dtype=data.dtype,
+        zarr_format=2,
+    )
     array[:] = data
-    array.attrs.update({"voxel_size": [2, 2, 2], "offset": [4, 4, 4],
-                        "axis_names": ["z", "y", "x"]})
-    workflow = write_workflow(tmp_path / "workflow.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw", "normalize": normalize},
-        "model": {"unet": UNET_3D, "head": {"out_channels": 1}},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        "cluster": {"type": "address", "address": cluster_address},
-    })
+    array.attrs.update(
+        {"voxel_size": [2, 2, 2], "offset": [4, 4, 4], "axis_names": ["z", "y", "x"]}
+    )
+    workflow = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw", "normalize": normalize},
+            "model": {"unet": UNET_3D, "head": {"out_channels": 1}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"type": "address", "address": cluster_address},
+        },
+    )
     loaded = load_workflow(workflow)
     plan = prepare_workflow(loaded).plan
     assert predict_workflow(loaded, progress=False).exit_code == 0
     volume = data.astype(np.float32)[None]
     if normalize != "none":
         volume = volume * np.float32(0.01) - np.float32(1.0)
-    expected = reference(build_model(loaded.model), volume,
-                         Roi((4, 4, 4), (80, 80, 80)), Coordinate(2, 2, 2), plan)
+    expected = reference(
+        build_model(loaded.model), volume, Roi((4, 4, 4), (80, 80, 80)), Coordinate(2, 2, 2), plan
+    )
     got = read_output(tmp_path / "out.zarr" / "pred")
     assert plan.output_roi == Roi((20, 20, 20), (48, 48, 48))
     assert zarr.open_array(str(tmp_path / "out.zarr" / "pred")).chunks == (1, 12, 12, 12)

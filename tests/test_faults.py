@@ -72,13 +72,16 @@ def on_workers(address: str, tmp_path: Path) -> dict:
 
 
 def workflow(tmp_path: Path, cluster: dict, delay: float = 0.0, fail: bool = False, **execution):
-    return write_workflow(tmp_path / "workflow.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"factory": "slow:build", "kwargs": {"delay": delay, "fail": fail}},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        "cluster": cluster,
-        "execution": {"max_retries": 1, **execution},
-    })
+    return write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "slow:build", "kwargs": {"delay": delay, "fail": fail}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": cluster,
+            "execution": {"max_retries": 1, **execution},
+        },
+    )
 
 
 def expected(data: np.ndarray) -> np.ndarray:
@@ -89,8 +92,13 @@ def expected(data: np.ndarray) -> np.ndarray:
 def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args], cwd=cwd, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        [sys.executable, "-m", "blockpredict.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
@@ -109,7 +117,9 @@ def test_rerun_resumes_and_skips_done_blocks(setup, cluster_address):
     assert (first.blocks_processed, first.exit_code) == (64, 0)
     again = predict_workflow(load_workflow(path), progress=False)
     assert (again.blocks_skipped, again.blocks_processed, again.exit_code) == (64, 0, 0)
-    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+    np.testing.assert_allclose(
+        read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6
+    )
 
 
 def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
@@ -117,9 +127,13 @@ def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
     path = workflow(tmp_path, on_workers(cluster_address, tmp_path))
     predict_workflow(load_workflow(path), progress=False)
     changed = ["output.roi={offset: [1, 1, 1], shape: [16, 16, 16]}"]
-    with pytest.raises(BlockpredictError, match=r"geometry changed since the ledger was written \(plan\)"):
+    with pytest.raises(
+        BlockpredictError, match=r"geometry changed since the ledger was written \(plan\)"
+    ):
         predict_workflow(load_workflow(path, changed), progress=False)
-    report = predict_workflow(load_workflow(path, [*changed, "output.overwrite=true"]), progress=False)
+    report = predict_workflow(
+        load_workflow(path, [*changed, "output.overwrite=true"]), progress=False
+    )
     assert (report.blocks_total, report.blocks_processed, report.blocks_skipped) == (8, 8, 0)
     no_resume = ["execution.resume=false"]
     with pytest.raises(BlockpredictError, match="output dataset exists"):
@@ -128,17 +142,27 @@ def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
 
 def test_fail_fast_stops_a_run_whose_blocks_all_fail(setup, cluster_address):
     tmp_path, _ = setup
-    path = workflow(tmp_path, on_workers(cluster_address, tmp_path), fail=True,
-                    fail_fast=4, max_retries=0)
+    path = workflow(
+        tmp_path, on_workers(cluster_address, tmp_path), fail=True, fail_fast=4, max_retries=0
+    )
     report = predict_workflow(load_workflow(path), progress=False)
     assert report.exit_code == 1
     assert report.fail_fast_error == "RuntimeError: CUDA out of memory (simulated)"
     assert report.blocks_failed < 64 and report.blocks_processed == 0
     assert "stopped early" in report.summary()
-    status = subprocess.run([sys.executable, "-m", "blockpredict.cli", "status", str(path)],
-                            capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "status", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert f"failed: {report.blocks_failed}" in status and "done: 0/64 (0.0%)" in status
-    assert "failed blocks: " + " ".join(str(b.id) for b in sorted(report.failed_blocks, key=lambda b: b.id))[:40] in status
+    assert (
+        "failed blocks: "
+        + " ".join(str(b.id) for b in sorted(report.failed_blocks, key=lambda b: b.id))[:40]
+        in status
+    )
 
 
 def test_a_killed_worker_loses_nothing(setup):
@@ -148,15 +172,20 @@ def test_a_killed_worker_loses_nothing(setup):
     deadline = time.time() + 120
     while ledger_done(tmp_path) < 4 and time.time() < deadline:
         time.sleep(0.2)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline())]
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
-    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+    np.testing.assert_allclose(
+        read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6
+    )
 
 
 def test_a_killed_client_resumes_to_the_same_output(setup):
@@ -176,7 +205,9 @@ def test_a_killed_client_resumes_to_the_same_output(setup):
     assert report["blocks_skipped"] >= 8
     assert report["blocks_processed"] < 64
     assert report["blocks_skipped"] + report["blocks_processed"] == 64
-    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6)
+    np.testing.assert_allclose(
+        read_output(tmp_path / "out.zarr" / "pred")[0], expected(data), atol=1e-6
+    )
 
 
 def test_sigterm_flushes_the_ledger_and_exits_143(setup):
@@ -223,13 +254,16 @@ def test_a_hanging_block_times_out_and_the_run_ends(tmp_path):
     data = np.ones((26, 26, 26), dtype=np.float32)
     data[20, 20, 20] = 1000.0  # only block (2, 2, 2) reads it
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
-    path = write_workflow(tmp_path / "workflow.yaml", {
-        "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"factory": "hangs:build"},
-        "output": {"container": "out.zarr", "dataset": "pred"},
-        "cluster": {"type": "local", "n_workers": 2},
-        "execution": {"max_retries": 1, "block_timeout": 3},
-    })
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "hangs:build"},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"type": "local", "n_workers": 2},
+            "execution": {"max_retries": 1, "block_timeout": 3},
+        },
+    )
     proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err

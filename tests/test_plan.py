@@ -73,18 +73,13 @@ def test_write_rois_are_disjoint_chunk_aligned_and_cover_the_output(kwargs):
         # whole chunks of an output array that starts at the output ROI
         rel = w.offset - out.offset
         assert rel.is_multiple_of(chunk)
-        assert w.shape == chunk or w.end == out.end or any(
-            e == oe for e, oe in zip(w.end, out.end)
-        )
+        assert w.shape == chunk or w.end == out.end or any(e == oe for e, oe in zip(w.end, out.end))
         assert out.contains(w)
         # full-size read, centred on the (uncropped) write ROI, on the input grid
         assert block.read_roi.shape == plan.read_size
         assert block.read_roi.offset == w.offset - plan.context
         assert block.read_roi.offset.is_multiple_of(plan.input_voxel_size)
-        sl = tuple(
-            slice(b // v, e // v)
-            for b, e, v in zip(rel, rel + w.shape, vout, strict=True)
-        )
+        sl = tuple(slice(b // v, e // v) for b, e, v in zip(rel, rel + w.shape, vout, strict=True))
         covered[sl] += 1
     assert (covered == 1).all()
 

@@ -58,7 +58,9 @@ def _architecture(config: ModelConfig) -> torch.nn.Module:
         u = config.unet
         return UNet(
             input_shape=Coordinate(u.input_shape),
-            eval_shape_increase=None if u.eval_shape_increase is None else Coordinate(u.eval_shape_increase),
+            eval_shape_increase=None
+            if u.eval_shape_increase is None
+            else Coordinate(u.eval_shape_increase),
             fmaps_in=u.fmaps_in,
             num_fmaps=u.num_fmaps,
             fmaps_out=u.fmaps_out,
@@ -66,7 +68,9 @@ def _architecture(config: ModelConfig) -> torch.nn.Module:
             downsample_factors=[tuple(f) for f in u.downsample_factors],
             kernel_size_down=u.kernel_size_down,
             kernel_size_up=u.kernel_size_up,
-            upsample_factors=None if u.upsample_factors is None else [tuple(f) for f in u.upsample_factors],
+            upsample_factors=None
+            if u.upsample_factors is None
+            else [tuple(f) for f in u.upsample_factors],
             padding=u.padding,
             batch_norm=u.batch_norm,
         )
@@ -114,7 +118,9 @@ def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Mo
         built = function(**config.kwargs)
     except Exception as e:
         raise ModelError(
-            f"factory {name!r} failed: {type(e).__name__}: {e}", "model.factory", "check model.kwargs"
+            f"factory {name!r} failed: {type(e).__name__}: {e}",
+            "model.factory",
+            "check model.kwargs",
         ) from None
     if hasattr(built, "compute_output_shape") and hasattr(built, "eval_input_shape"):
         if activation is not None:

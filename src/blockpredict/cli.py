@@ -136,7 +136,9 @@ def _status(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, args.overrides)
     path = ledger_path(output_path(workflow.output.container, workflow.output.dataset))
     if not Ledger.exists(path):
-        raise InputError("no ledger: this workflow has not started", path, "run blockpredict predict")
+        raise InputError(
+            "no ledger: this workflow has not started", path, "run blockpredict predict"
+        )
     ledger = Ledger.open(path)
     counts = ledger.counts()
     total = sum(counts.values())
@@ -164,11 +166,17 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
         ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
         ("input voxel size", c(plan.input_voxel_size)),
         ("output voxel size", c(plan.output_voxel_size)),
-        ("context", f"{c(plan.context)} world, {c(plan.context / plan.input_voxel_size)} input voxels"),
+        (
+            "context",
+            f"{c(plan.context)} world, {c(plan.context / plan.input_voxel_size)} input voxels",
+        ),
         ("read shape", f"{c(plan.read_shape)} voxels = {c(plan.read_size)} world"),
         ("write shape", f"{c(plan.write_shape)} voxels = {c(plan.write_size)} world"),
         ("border", plan.border),
-        ("output ROI", f"offset {c(plan.output_roi.offset)} shape {c(plan.output_roi.shape)} world"),
+        (
+            "output ROI",
+            f"offset {c(plan.output_roi.offset)} shape {c(plan.output_roi.shape)} world",
+        ),
         ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
         ("output", f"{out.container}/{out.dataset}"),
         (

@@ -46,14 +46,17 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         raise ConfigError(
             "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
         )
-    with LocalCluster(
-        n_workers=config.n_workers,
-        threads_per_worker=config.threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=config.dashboard_address,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=config.n_workers,
+            threads_per_worker=config.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=config.dashboard_address,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 

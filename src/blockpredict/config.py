@@ -93,11 +93,20 @@ class ModelConfig(Strict):
             raise ValueError("unet needs a head: {out_channels, kernel_size}")
         if self.head is not None and self.unet is None:
             raise ValueError("head is only for unet; build the head into the model file")
-        declared = [
-            k
-            for k in ("input_shape", "eval_shape_increase", "num_in_channels", "num_out_channels")
-            if getattr(self, k) is not None
-        ] + (["scale"] if self.scale != 1 else []) + (["kwargs"] if self.kwargs else [])
+        declared = (
+            [
+                k
+                for k in (
+                    "input_shape",
+                    "eval_shape_increase",
+                    "num_in_channels",
+                    "num_out_channels",
+                )
+                if getattr(self, k) is not None
+            ]
+            + (["scale"] if self.scale != 1 else [])
+            + (["kwargs"] if self.kwargs else [])
+        )
         if self.unet is not None and declared:
             raise ValueError(f"{', '.join(declared)} belong in the unet section, not beside it")
         if self.factory is None and self.kwargs:
@@ -122,9 +131,7 @@ class RoiConfig(Strict):
     @model_validator(mode="after")
     def _same_dims(self) -> RoiConfig:
         if len(self.offset) != len(self.shape):
-            raise ValueError(
-                f"offset has {len(self.offset)} values, shape has {len(self.shape)}"
-            )
+            raise ValueError(f"offset has {len(self.offset)} values, shape has {len(self.shape)}")
         return self
 
 
@@ -170,9 +177,7 @@ class ClusterConfig(Strict):
     def _address(self) -> ClusterConfig:
         if self.type == "address" and not self.address:
             raise ValueError("cluster type 'address' needs address: tcp://host:port")
-        batch_only = [
-            k for k in ("jobqueue", "adapt", "gpus_per_job") if getattr(self, k)
-        ]
+        batch_only = [k for k in ("jobqueue", "adapt", "gpus_per_job") if getattr(self, k)]
         if self.type not in BATCH_TYPES and batch_only:
             raise ValueError(
                 f"{', '.join(batch_only)} only apply to cluster types {', '.join(BATCH_TYPES)}"
@@ -208,16 +213,13 @@ class Workflow(Strict):
 
         model = self.model.model_copy(
             update={
-                k: fix(getattr(self.model, k))
-                for k in ("torchscript", "exported", "checkpoint")
+                k: fix(getattr(self.model, k)) for k in ("torchscript", "exported", "checkpoint")
             }
         )
         return self.model_copy(
             update={
                 "input": self.input.model_copy(update={"container": fix(self.input.container)}),
-                "output": self.output.model_copy(
-                    update={"container": fix(self.output.container)}
-                ),
+                "output": self.output.model_copy(update={"container": fix(self.output.container)}),
                 "model": model,
             }
         )
@@ -289,7 +291,9 @@ def _config_error(error: ValidationError, where: str, prefix: tuple[str, ...] = 
         return ConfigError(f"missing key {key!r}", where, "add it (see workflows/example.yaml)")
     message = first["msg"].removeprefix("Value error, ")
     got = "" if first["type"] == "value_error" else f" (got {_short(first.get('input'))})"
-    return ConfigError(f"invalid value for {key}: {message}{got}", where, "see workflows/example.yaml")
+    return ConfigError(
+        f"invalid value for {key}: {message}{got}", where, "see workflows/example.yaml"
+    )
 
 
 def _short(value: Any, limit: int = 60) -> str:

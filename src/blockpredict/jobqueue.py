@@ -83,9 +83,7 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
                 f"did you mean {close[0]!r}?" if close else "see the dask-jobqueue docs",
             )
     if "memory" not in options:
-        raise ConfigError(
-            "missing memory per job", "cluster.jobqueue", "add memory: e.g. '16GB'"
-        )
+        raise ConfigError("missing memory per job", "cluster.jobqueue", "add memory: e.g. '16GB'")
     if config.gpus_per_job:
         options["processes"] = config.gpus_per_job  # one worker per GPU
         directive = GPU_DIRECTIVES[config.type].format(n=config.gpus_per_job)

@@ -47,8 +47,12 @@ class Ledger:
     @classmethod
     def create(cls, path: str, geometry: dict[str, Any], num_blocks: int) -> Ledger:
         array = zarr.create_array(
-            path, shape=(num_blocks,), chunks=(min(CHUNK, num_blocks),), dtype="uint8",
-            fill_value=TODO, overwrite=True,
+            path,
+            shape=(num_blocks,),
+            chunks=(min(CHUNK, num_blocks),),
+            dtype="uint8",
+            fill_value=TODO,
+            overwrite=True,
         )
         array.attrs.update({"geometry_hash": geometry_hash(geometry), "geometry": geometry})
         return cls(path, geometry, np.zeros(num_blocks, dtype=np.uint8))
@@ -59,7 +63,9 @@ class Ledger:
         array = zarr.open_array(path, mode="r")
         stored = dict(array.attrs.get("geometry", {}))
         if geometry is not None and array.attrs.get("geometry_hash") != geometry_hash(geometry):
-            changed = [k for k in sorted(set(stored) | set(geometry)) if stored.get(k) != geometry.get(k)]
+            changed = [
+                k for k in sorted(set(stored) | set(geometry)) if stored.get(k) != geometry.get(k)
+            ]
             raise LedgerMismatchError(
                 f"the geometry changed since the ledger was written ({', '.join(changed)})",
                 path,

@@ -115,7 +115,7 @@ class Model(torch.nn.Module):
         saved = [buffer.clone() for buffer in self.buffers()]
         with torch.no_grad():
             out = self.forward(dummy_data)
-            for buffer, value in zip(self.buffers(), saved):
+            for buffer, value in zip(self.buffers(), saved, strict=True):
                 buffer.copy_(value)
         return int(out.shape[1]), Coordinate(out.shape[2:])
 

@@ -11,12 +11,11 @@ World units are used for ROIs (like funlib); shapes are in voxels.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from .errors import GeometryError

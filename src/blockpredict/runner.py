@@ -55,12 +55,19 @@ class Dispatcher:
         self, client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, bar: tqdm
     ) -> None:
         self.client, self.job, self.ledger, self.execution, self.bar = (
-            client, job, ledger, execution, bar,
+            client,
+            job,
+            ledger,
+            execution,
+            bar,
         )
         plan = job.plan
         self.report = RunReport(
             blocks_total=plan.num_blocks,
-            output_roi={"offset": list(plan.output_roi.offset), "shape": list(plan.output_roi.shape)},
+            output_roi={
+                "offset": list(plan.output_roi.offset),
+                "shape": list(plan.output_roi.shape),
+            },
             output_voxel_size=list(plan.output_voxel_size),
             output_path=job.output.path,
             ledger_path=ledger.path,
@@ -130,7 +137,9 @@ class Dispatcher:
         block = self.job.plan.block(block_id)
         report.blocks_failed += 1
         report.failed_blocks.append(FailedBlock.of(block, result.error))
-        logger.error("block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error)
+        logger.error(
+            "block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error
+        )
         self.bar.update(1)
 
     def wait_any(self, timeout: float) -> None:
@@ -201,8 +210,12 @@ def run(
     window = max(8, 4 * max(threads, expected_threads))
     skipped = ledger.counts()["done"]
     bar = tqdm(
-        total=plan.num_blocks, initial=skipped, unit="block", disable=not progress,
-        file=sys.stderr, smoothing=0.1,
+        total=plan.num_blocks,
+        initial=skipped,
+        unit="block",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
     )
     d = Dispatcher(client, job, ledger, execution, bar)
     d.report.blocks_skipped = skipped
@@ -229,7 +242,9 @@ def run(
                 if error and d.stop_reason is None:
                     d.stop_reason = "fail-fast"
                     d.report.fail_fast_error = error
-                    logger.error("the first %d blocks all failed with: %s", execution.fail_fast, error)
+                    logger.error(
+                        "the first %d blocks all failed with: %s", execution.fail_fast, error
+                    )
                     d.cancel_all()
                 d.submit_more(window)
                 ledger.flush(every=2.0)
@@ -269,7 +284,9 @@ def _stop_on_signals(dispatcher: Dispatcher) -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         if dispatcher.stop_reason is None:
-            logger.warning("%s: finishing %d in-flight tasks, then stopping", name, len(dispatcher.owner))
+            logger.warning(
+                "%s: finishing %d in-flight tasks, then stopping", name, len(dispatcher.owner)
+            )
         dispatcher.stop_reason = name
 
     try:

@@ -21,7 +21,17 @@ from funlib.persistence import open_ds, prepare_ds
 from .config import Scaling
 from .errors import InputError, OutputExistsError
 
-INPUT_DTYPES = ("uint8", "uint16", "int8", "int16", "uint32", "int32", "float16", "float32", "float64")
+INPUT_DTYPES = (
+    "uint8",
+    "uint16",
+    "int8",
+    "int16",
+    "uint32",
+    "int32",
+    "float16",
+    "float32",
+    "float64",
+)
 AUTO_SCALE = {"uint8": 1 / 255, "uint16": 1 / 65535}
 
 
@@ -114,7 +124,9 @@ class BlockReader:
         src = _slices(inside, info.roi.offset, info.voxel_size)
         dst = _slices(inside, roi.offset, info.voxel_size)
         data = self.array[src if info.has_channel_axis else src[1:]]
-        data = np.asarray(data, dtype=np.float32).reshape((info.num_channels, *data.shape[-len(dst) + 1 :]))
+        data = np.asarray(data, dtype=np.float32).reshape(
+            (info.num_channels, *data.shape[-len(dst) + 1 :])
+        )
         if self.scale != 1.0 or self.shift != 0.0:
             data = data * np.float32(self.scale) + np.float32(self.shift)
         out[dst] = data

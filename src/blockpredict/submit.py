@@ -20,9 +20,24 @@ from .jobqueue import cluster_class
 
 # worker-only options that must not shape the driver job
 WORKER_ONLY = {
-    "processes", "cores", "memory", "job_cpu", "job_mem", "resource_spec", "worker_extra_args",
-    "worker_command", "nanny", "interface", "protocol", "security", "shared_temp_directory",
-    "scheduler_options", "death_timeout", "job_name", "name", "n_workers",
+    "processes",
+    "cores",
+    "memory",
+    "job_cpu",
+    "job_mem",
+    "resource_spec",
+    "worker_extra_args",
+    "worker_command",
+    "nanny",
+    "interface",
+    "protocol",
+    "security",
+    "shared_temp_directory",
+    "scheduler_options",
+    "death_timeout",
+    "job_name",
+    "name",
+    "n_workers",
 }
 
 
@@ -35,7 +50,10 @@ class Submission:
 
 
 def driver_script(
-    workflow_path: Path, workflow: Workflow, overrides: list[str], report: Path,
+    workflow_path: Path,
+    workflow: Workflow,
+    overrides: list[str],
+    report: Path,
     memory: str = "4GB",
 ) -> tuple[str, Path]:
     """The driver job script and its log folder."""
@@ -51,14 +69,25 @@ def driver_script(
     log_directory = log_directory.expanduser().resolve()
     job_cls = cluster_class(config.type).job_cls
     job = job_cls(
-        scheduler="tcp://driver:0", name="blockpredict", cores=1, memory=memory,
-        job_name="blockpredict", log_directory=str(log_directory), python=sys.executable,
+        scheduler="tcp://driver:0",
+        name="blockpredict",
+        cores=1,
+        memory=memory,
+        job_name="blockpredict",
+        log_directory=str(log_directory),
+        python=sys.executable,
         **options,
     )
     command = [
-        sys.executable, "-m", "blockpredict.cli", "predict", str(workflow_path.resolve()),
+        sys.executable,
+        "-m",
+        "blockpredict.cli",
+        "predict",
+        str(workflow_path.resolve()),
         *[a for o in overrides for a in ("--set", o)],
-        "--report", str(report), "--no-progress",
+        "--report",
+        str(report),
+        "--no-progress",
     ]
     # dask-jobqueue's script (header, prologue) with predict in place of the worker command
     lines = job.job_script().rstrip("\n").splitlines()

@@ -94,8 +94,7 @@ def prepare(
     eval_input_shape = Coordinate(model.eval_input_shape)
     if eval_input_shape.dims > info.voxel_size.dims:
         raise ModelError(
-            f"model has {eval_input_shape.dims} spatial dims, the input has "
-            f"{info.voxel_size.dims}",
+            f"model has {eval_input_shape.dims} spatial dims, the input has {info.voxel_size.dims}",
             info.path,
             "use a model with at most as many dims as the input",
         )
@@ -197,7 +196,10 @@ def execute(
     out = prepared.output
     plan = prepared.plan
     info = OutputInfo(
-        prepared.output_path, plan.output_roi, plan.output_voxel_size, out.dtype,
+        prepared.output_path,
+        plan.output_roi,
+        plan.output_voxel_size,
+        out.dtype,
         prepared.num_out_channels,
     )
     job = Job(
@@ -230,7 +232,11 @@ def execute(
             ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
         return run(
-            client, job, ledger, execution, progress=progress,
+            client,
+            job,
+            ledger,
+            execution,
+            progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
         )
 

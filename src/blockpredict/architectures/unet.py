@@ -78,7 +78,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(x.shape[2:])
-        if any(s % f for s, f in zip(shape, self.factor)):
+        if any(s % f for s, f in zip(shape, self.factor, strict=True)):
             raise ModelError(
                 f"U-Net cannot downsample a feature map of shape {shape} by {self.factor}",
                 "UNet input shape",
@@ -100,8 +100,8 @@ def _upsample(
 
 def _center_crop(x: torch.Tensor, shape: Shape) -> torch.Tensor:
     """Crop the spatial axes of ``x`` centrally to ``shape``."""
-    offsets = [(s - t) // 2 for s, t in zip(x.shape[2:], shape)]
-    slices = tuple(slice(o, o + t) for o, t in zip(offsets, shape))
+    offsets = [(s - t) // 2 for s, t in zip(x.shape[2:], shape, strict=True)]
+    slices = tuple(slice(o, o + t) for o, t in zip(offsets, shape, strict=True))
     return x[(slice(None), slice(None)) + slices]
 
 
@@ -236,7 +236,7 @@ class UNet(Architecture):
         """Output voxel size: the input voxel size divided by each upsample factor."""
         voxel_size = Coordinate(input_voxel_size)
         for factor in self.upsample_factors:
-            if any(v % f for v, f in zip(voxel_size, factor)):
+            if any(v % f for v, f in zip(voxel_size, factor, strict=True)):
                 raise ModelError(
                     f"voxel size {tuple(voxel_size)} is not divisible by "
                     f"upsample factor {tuple(factor)}",

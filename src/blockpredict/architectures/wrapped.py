@@ -73,7 +73,7 @@ class WrappedArchitecture(Architecture):
     def scale(self, input_voxel_size: Coordinate) -> Coordinate:
         """Output voxel size; raises ModelError if the division is inexact."""
         voxel_size = Coordinate(input_voxel_size)
-        if any(v % s for v, s in zip(voxel_size, self._scale)):
+        if any(v % s for v, s in zip(voxel_size, self._scale, strict=True)):
             raise ModelError(
                 f"voxel size {tuple(voxel_size)} is not divisible by scale {tuple(self._scale)}",
                 "wrapped model scale",
