@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
 from funlib.geometry import Coordinate, Roi
 
@@ -63,6 +64,7 @@ def test_walltime_and_lifetime():
     assert parse_walltime("1-02:00:00") == 93600
     assert parse_walltime("00:30") == 1800
     assert lifetime_args(3600) == ["--lifetime", "3060s", "--lifetime-stagger", "180s"]
+    assert lifetime_args(60) == ["--lifetime", "42s", "--lifetime-stagger", "3s"]  # < walltime
     with pytest.raises(ConfigError, match="walltime"):
         parse_walltime("soon")
 
@@ -288,3 +290,69 @@ def test_ready_to_edit_configs_render(kind):
     section = yaml.safe_load((TESTBED.parent / f"{kind}.yaml").read_text())["cluster"]
     script = job_script(ClusterConfig.model_validate(section))
     assert "--nworkers 4" in script and "gpu" in script and "--lifetime" in script
+
+
+def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
+    """A run longer than the job walltime finishes: retiring workers get new jobs."""
+    from test_faults import FACTORY
+
+    (tmp_path / "slow.py").write_text(FACTORY)
+    data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    path = write_workflow(
+        tmp_path / "wf.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "slow:build", "kwargs": {"delay": 0.8}},  # 64 blocks, ~26 s
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {
+                "type": "slurm",
+                "n_workers": 2,
+                "jobqueue": {
+                    "memory": "2GB",
+                    "interface": "lo",
+                    "walltime": "00:00:30",  # lifetime 22 s
+                    "job_script_prologue": [f"export PYTHONPATH={tmp_path}"],
+                    "log_directory": str(tmp_path / "logs"),
+                },
+            },
+        },
+    )
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(line.split()[0] for line in our_jobs("blockpredict-worker"))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "blockpredict.cli",
+                "predict",
+                str(path),
+                "--report",
+                "report.json",
+                "--no-progress",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    assert len(seen) >= 4, f"no replacement jobs: {sorted(seen)}"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
+    x = torch.from_numpy(data)[None, None]
+    expected = torch.nn.functional.avg_pool3d(x, 3, stride=1)[0, 0].numpy()
+    np.testing.assert_allclose(read_output(tmp_path / "out.zarr" / "pred")[0], expected, atol=1e-6)

@@ -131,9 +131,9 @@ def parse_walltime(text: str) -> int:
 
 def lifetime_args(walltime: int) -> list[str]:
     """Workers retire before the job's walltime, staggered, so adaptive mode replaces them."""
-    margin = max(60, walltime // 10)
-    stagger = max(10, walltime // 20)
-    lifetime = max(60, walltime - margin - stagger)
+    margin = max(min(60, walltime // 4), walltime // 10)
+    stagger = max(1, walltime // 20)
+    lifetime = max(1, walltime - margin - stagger)
     return ["--lifetime", f"{lifetime}s", "--lifetime-stagger", f"{stagger}s"]
 
 
