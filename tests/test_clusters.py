@@ -178,9 +178,10 @@ def expected_output(path: Path) -> np.ndarray:
     )
 
 
-def test_predict_on_slurm(tmp_path, slurm):
-    path = slurm_workflow(tmp_path)
-    expected = expected_output(path)
+def predict_watching_squeue(
+    path: Path, cwd: Path, **kwargs
+) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``blockpredict predict`` and collect the worker job ids squeue shows meanwhile."""
     seen: set[str] = set()
     stop = threading.Event()
 
@@ -203,14 +204,22 @@ def test_predict_on_slurm(tmp_path, slurm):
                 "report.json",
                 "--no-progress",
             ],
-            cwd=tmp_path,
+            cwd=cwd,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=400,
+            **kwargs,
         )
     finally:
         stop.set()
         watcher.join()
+    return result, seen
+
+
+def test_predict_on_slurm(tmp_path, slurm):
+    path = slurm_workflow(tmp_path)
+    expected = expected_output(path)
+    result, seen = predict_watching_squeue(path, tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 2, "the worker jobs never showed up in squeue"
     report = json.loads((tmp_path / "report.json").read_text())
@@ -318,37 +327,9 @@ def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
             },
         },
     )
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            seen.update(line.split()[0] for line in our_jobs("blockpredict-worker"))
-            time.sleep(0.5)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "blockpredict.cli",
-                "predict",
-                str(path),
-                "--report",
-                "report.json",
-                "--no-progress",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=400,
-            env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        )
-    finally:
-        stop.set()
-        watcher.join()
+    result, seen = predict_watching_squeue(
+        path, tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 4, f"no replacement jobs: {sorted(seen)}"
     report = json.loads((tmp_path / "report.json").read_text())
