@@ -54,13 +54,11 @@ class Dispatcher:
     def __init__(
         self, client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, bar: tqdm
     ) -> None:
-        self.client, self.job, self.ledger, self.execution, self.bar = (
-            client,
-            job,
-            ledger,
-            execution,
-            bar,
-        )
+        self.client = client
+        self.job = job
+        self.ledger = ledger
+        self.execution = execution
+        self.bar = bar
         plan = job.plan
         self.report = RunReport(
             blocks_total=plan.num_blocks,
@@ -80,6 +78,7 @@ class Dispatcher:
         self.task_of: dict[int, object] = {}  # block id -> its future, while in flight
         self.futures = as_completed()
         self.token = uuid.uuid4().hex[:8]
+        self.submitted = 0  # tasks so far: every task gets a key of its own
         self.first_outcomes: list[str | None] = []
         self.stop_reason: str | None = None
         self.worker_names: set[str] = set()
@@ -89,7 +88,8 @@ class Dispatcher:
             ids = self._next_ids()
             if not ids:
                 return
-            key = f"blocks-{self.token}-{ids[0]}-{self.attempts.get(ids[0], 0)}"
+            self.submitted += 1
+            key = f"blocks-{self.token}-{self.submitted}-{ids[0]}"
             future = self.client.submit(process_blocks, ids, key=key, pure=False)
             self.owner[future.key] = ids
             self.task_of.update(dict.fromkeys(ids, future))
