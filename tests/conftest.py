@@ -124,6 +124,44 @@ def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.clip(0.5 * noise + 40 * waves + 64, 0, 255).astype(np.uint8)
 
 
+MARKED_FACTORY = """
+import time
+import torch
+from funlib.geometry import Coordinate
+from blockpredict.architectures import WrappedArchitecture
+from blockpredict.model import Model
+
+class Marked(torch.nn.Module):
+    # 3x3x3 mean filter that raises or hangs on blocks holding a marked voxel (> 100)
+    def __init__(self, action):
+        super().__init__()
+        self.action = action
+    def forward(self, x):
+        if x.max() > 100:
+            if self.action == "hang":
+                time.sleep(3600)
+            raise ValueError("marked voxel in this block")
+        return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+def build(action="raise"):
+    arch = WrappedArchitecture(Marked(action), input_shape=Coordinate(10, 10, 10),
+                               num_in_channels=1, num_out_channels=1)
+    return Model(arch, torch.nn.Identity())
+"""
+
+
+def marked_input(folder: Path) -> None:
+    """The ``marked`` factory module and a 26^3 input of ones with voxel (20, 20, 20) marked.
+
+    With 10^3 reads and 8^3 writes the output ROI [1, 25)^3 has 3^3 blocks; only
+    block (2, 2, 2), id 26, reads the marked voxel.
+    """
+    (folder / "marked.py").write_text(MARKED_FACTORY)
+    data = np.ones((26, 26, 26), dtype=np.float32)
+    data[20, 20, 20] = 1000.0
+    make_input(folder / "in.zarr" / "raw", data, (1, 1, 1))
+
+
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (

@@ -6,13 +6,20 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from conftest import (
+    make_input,
+    marked_input,
+    max_abs_diff,
+    read_output,
+    reference,
+    volume_of,
+    write_workflow,
+)
 from funlib.geometry import Coordinate, Roi
 
 import blockpredict
@@ -106,38 +113,13 @@ def test_predict_with_set_and_report(tmp_path):
     assert "dashboard: http://127.0.0.1:" in result.stderr
 
 
-FAILING_FACTORY = textwrap.dedent(
-    """
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class Picky(torch.nn.Module):
-        '''A 3x3x3 mean filter that refuses blocks holding a marked voxel (value > 100).'''
-        def forward(self, x):
-            if x.max() > 100:
-                raise ValueError("marked voxel in this block")
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build():
-        arch = WrappedArchitecture(Picky(), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
-
-
 def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
-    (tmp_path / "picky.py").write_text(FAILING_FACTORY)
-    data = np.ones((26, 26, 26), dtype=np.float32)
-    data[20, 20, 20] = 1000.0  # read by the blocks around it only
-    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "picky:build"},
+            "model": {"factory": "marked:build"},
             "output": {"container": "out.zarr", "dataset": "pred"},
             "cluster": {"type": "local", "n_workers": 1},
             "execution": {"max_retries": 1},
@@ -153,8 +135,6 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
     )
     assert result.returncode == 1, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    # output ROI [1, 25)^3 in blocks of 8: blocks reading voxel 20 are those whose
-    # read ROI [1 + 8i - 1, 1 + 8i + 9) holds 20, i.e. index 2 on each axis
     assert report["blocks_total"] == 27
     assert report["blocks_failed"] == 1
     assert report["retries"] == 1

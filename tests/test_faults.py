@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_workflow
+from conftest import make_input, marked_input, read_output, write_workflow
 
 from blockpredict.config import load_workflow
 from blockpredict.errors import BlockpredictError
@@ -110,6 +110,13 @@ def ledger_done(tmp_path: Path) -> int:
         return 0
 
 
+def wait_for_ledger(tmp_path: Path, done: int, timeout: float = 120) -> None:
+    """Until the ledger on disk marks ``done`` blocks (or ``timeout`` passes)."""
+    deadline = time.time() + timeout
+    while ledger_done(tmp_path) < done and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_rerun_resumes_and_skips_done_blocks(setup, cluster_address):
     tmp_path, data = setup
     path = workflow(tmp_path, on_workers(cluster_address, tmp_path))
@@ -169,9 +176,7 @@ def test_a_killed_worker_loses_nothing(setup):
     tmp_path, data = setup
     path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
     proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
-    deadline = time.time() + 120
-    while ledger_done(tmp_path) < 4 and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_ledger(tmp_path, 4)
     workers = [
         p
         for p in psutil.Process(proc.pid).children(recursive=True)
@@ -192,9 +197,7 @@ def test_a_killed_client_resumes_to_the_same_output(setup):
     tmp_path, data = setup
     path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
     proc = cli("predict", str(path), "--no-progress", cwd=tmp_path, start_new_session=True)
-    deadline = time.time() + 120
-    while ledger_done(tmp_path) < 8 and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for_ledger(tmp_path, 8)
     os.killpg(proc.pid, signal.SIGKILL)  # the client, its cluster and workers: all gone
     proc.communicate(timeout=60)
     assert 8 <= ledger_done(tmp_path) < 64
@@ -214,9 +217,7 @@ def test_sigterm_flushes_the_ledger_and_exits_143(setup):
     tmp_path, _ = setup
     path = workflow(tmp_path, {"type": "local", "n_workers": 1}, delay=0.15)
     proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
-    deadline = time.time() + 120
-    while ledger_done(tmp_path) < 2 and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_ledger(tmp_path, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -226,39 +227,13 @@ def test_sigterm_flushes_the_ledger_and_exits_143(setup):
     assert ledger_done(tmp_path) == report["blocks_processed"]  # flushed on the way out
 
 
-HANGING = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class Hangs(torch.nn.Module):
-        '''3x3x3 mean filter that hangs on blocks holding a marked voxel (value > 100).'''
-        def forward(self, x):
-            if x.max() > 100:
-                time.sleep(3600)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build():
-        arch = WrappedArchitecture(Hangs(), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
-
-
 def test_a_hanging_block_times_out_and_the_run_ends(tmp_path):
-    (tmp_path / "hangs.py").write_text(HANGING)
-    data = np.ones((26, 26, 26), dtype=np.float32)
-    data[20, 20, 20] = 1000.0  # only block (2, 2, 2) reads it
-    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "hangs:build"},
+            "model": {"factory": "marked:build", "kwargs": {"action": "hang"}},
             "output": {"container": "out.zarr", "dataset": "pred"},
             "cluster": {"type": "local", "n_workers": 2},
             "execution": {"max_retries": 1, "block_timeout": 3},

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from funlib.geometry import Coordinate
 
 from .architectures import UNet, WrappedArchitecture, load_exported, load_torchscript
 from .config import ModelConfig
@@ -55,25 +54,7 @@ def build_model(config: ModelConfig) -> Model:
 
 def _architecture(config: ModelConfig) -> torch.nn.Module:
     if config.unet is not None:
-        u = config.unet
-        return UNet(
-            input_shape=Coordinate(u.input_shape),
-            eval_shape_increase=None
-            if u.eval_shape_increase is None
-            else Coordinate(u.eval_shape_increase),
-            fmaps_in=u.fmaps_in,
-            num_fmaps=u.num_fmaps,
-            fmaps_out=u.fmaps_out,
-            fmap_inc_factor=u.fmap_inc_factor,
-            downsample_factors=[tuple(f) for f in u.downsample_factors],
-            kernel_size_down=u.kernel_size_down,
-            kernel_size_up=u.kernel_size_up,
-            upsample_factors=None
-            if u.upsample_factors is None
-            else [tuple(f) for f in u.upsample_factors],
-            padding=u.padding,
-            batch_norm=u.batch_norm,
-        )
+        return UNet(**config.unet.model_dump())  # the config's keys are UNet's parameters
     if config.torchscript is not None:
         module = load_torchscript(config.torchscript)
     else:
@@ -87,10 +68,8 @@ def _wrap(module: torch.nn.Module, config: ModelConfig) -> WrappedArchitecture:
     assert config.num_in_channels is not None and config.num_out_channels is not None
     return WrappedArchitecture(
         module,
-        input_shape=Coordinate(config.input_shape),
-        eval_shape_increase=None
-        if config.eval_shape_increase is None
-        else Coordinate(config.eval_shape_increase),
+        input_shape=config.input_shape,
+        eval_shape_increase=config.eval_shape_increase,
         num_in_channels=config.num_in_channels,
         num_out_channels=config.num_out_channels,
         scale=config.scale,

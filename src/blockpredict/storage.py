@@ -116,20 +116,23 @@ class BlockReader:
 
     def read(self, roi: Roi) -> np.ndarray:
         info = self.info
-        shape = (info.num_channels, *(roi.shape / info.voxel_size))
-        out = np.zeros(shape, dtype=np.float32)
         inside = roi.intersect(info.roi)
         if inside.empty:
-            return out
+            return np.zeros((info.num_channels, *(roi.shape / info.voxel_size)), np.float32)
         src = _slices(inside, info.roi.offset, info.voxel_size)
-        dst = _slices(inside, roi.offset, info.voxel_size)
         data = self.array[src if info.has_channel_axis else src[1:]]
-        data = np.asarray(data, dtype=np.float32).reshape(
-            (info.num_channels, *data.shape[-len(dst) + 1 :])
-        )
-        if self.scale != 1.0 or self.shift != 0.0:
-            data = data * np.float32(self.scale) + np.float32(self.shift)
-        out[dst] = data
+        # zarr returns a fresh array: convert once, normalize in place
+        data = np.asarray(data, dtype=np.float32)
+        if not info.has_channel_axis:
+            data = data[None]
+        if self.scale != 1.0:
+            data *= np.float32(self.scale)
+        if self.shift != 0.0:
+            data += np.float32(self.shift)
+        if inside == roi:  # most blocks lie inside the data: no padding
+            return data
+        out = np.zeros((info.num_channels, *(roi.shape / info.voxel_size)), np.float32)
+        out[_slices(inside, roi.offset, info.voxel_size)] = data
         return out
 
 

@@ -90,6 +90,7 @@ class ModelPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         job = self.job
+        self.worker_name = str(worker.name)
         self.device = choose_device(job.device, worker.name)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, job.threads))
@@ -118,7 +119,7 @@ class ModelPlugin(WorkerPlugin):
         crop = tuple(slice(0, s) for s in block.write_roi.shape / plan.output_voxel_size)
         self.writer.write(block.write_roi, prediction[(slice(None), *crop)])
         t3 = time.perf_counter()
-        return BlockResult(block_id, t1 - t0, t2 - t1, t3 - t2, str(get_worker().name))
+        return BlockResult(block_id, t1 - t0, t2 - t1, t3 - t2, self.worker_name)
 
     def forward(self, data: np.ndarray) -> np.ndarray:
         """``(C, *read_shape)`` -> ``(C_out, *write_shape)``; extra leading axes are 1."""
@@ -150,8 +151,9 @@ def process_blocks(block_ids: list[int]) -> list[BlockResult]:
         try:
             results.append(plugin.process(block_id))
         except Exception as e:
-            logger.warning("block %d failed: %s", block_id, describe(e))
-            results.append(BlockResult(block_id, worker=str(get_worker().name), error=describe(e)))
+            error = describe(e)
+            logger.warning("block %d failed: %s", block_id, error)
+            results.append(BlockResult(block_id, worker=plugin.worker_name, error=error))
         finally:
             _RUNNING.pop(block_id, None)
     return results
