@@ -135,11 +135,12 @@ def _status(args: argparse.Namespace) -> int:
 
     workflow = load_workflow(args.workflow, args.overrides)
     path = ledger_path(output_path(workflow.output.container, workflow.output.dataset))
-    if not Ledger.exists(path):
+    options = workflow.output.storage_options
+    if not Ledger.exists(path, options):
         raise InputError(
             "no ledger: this workflow has not started", path, "run blockpredict predict"
         )
-    ledger = Ledger.open(path)
+    ledger = Ledger.open(path, storage_options=options)
     counts = ledger.counts()
     total = sum(counts.values())
     print(f"ledger: {path}")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeInt,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .stores import READ_ONLY_SCHEMES, check_url, is_url, local_path
 
 
 class Strict(BaseModel):
@@ -38,9 +40,30 @@ class Scaling(Strict):
     shift: float = 0.0
 
 
+def _container(value: Any) -> Any:
+    """A URL stays a (checked) string, ``file://`` becomes its path, the rest a Path."""
+    if isinstance(value, str) and "://" in value:
+        check_url(value)
+        return local_path(value) if value.lower().startswith("file://") else value
+    return Path(value) if isinstance(value, str) else value
+
+
+# a local path (resolved against the workflow's folder) or an fsspec URL (never resolved)
+Container = Annotated[Path | str, BeforeValidator(_container)]
+
+
+def resolve_container(container: Path | str, base: Path) -> Path | str:
+    """A relative path made absolute against ``base``; URLs and absolute paths as they are."""
+    if is_url(container) or Path(container).is_absolute():
+        return container
+    return (base / container).resolve()
+
+
 class InputConfig(Strict):
-    container: Path
+    container: Container
     dataset: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    chunk_cache_mib: NonNegativeInt = 256  # per worker, for URL containers; 0: no cache
     normalize: Literal["auto", "none"] | Scaling = "auto"
 
 
@@ -136,12 +159,20 @@ class RoiConfig(Strict):
 
 
 class OutputConfig(Strict):
-    container: Path
+    container: Container
     dataset: str = "predictions"
     roi: RoiConfig | None = None
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     border: Literal["valid", "pad"] = "valid"
     overwrite: bool = False
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _writable(self) -> OutputConfig:
+        scheme = str(self.container).split("://", 1)[0].lower() if is_url(self.container) else ""
+        if scheme in READ_ONLY_SCHEMES:
+            raise ValueError(f"{scheme}:// is read-only; write the output to s3://, gs:// or a path")
+        return self
 
 
 class AdaptConfig(Strict):
@@ -208,8 +239,8 @@ class Workflow(Strict):
     def resolved(self, base: Path) -> Workflow:
         """A copy with relative paths made absolute against ``base``."""
 
-        def fix(p: Path | None) -> Path | None:
-            return None if p is None else (p if p.is_absolute() else (base / p).resolve())
+        def fix(p: Any) -> Any:
+            return None if p is None else resolve_container(p, base)
 
         model = self.model.model_copy(
             update={

@@ -1,5 +1,8 @@
 """The done-ledger: one byte per block, in a zarr array next to the output.
 
+For an output in an object store, the ledger lies in the same store
+(``storage_options`` are the output's).
+
 Only the runner writes it, and only after a block's write returned. It stores
 a hash of the geometry, so a ledger never vouches for blocks of another plan.
 """
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 import zarr
 
 from .errors import BlockpredictError
+from .stores import exists, zarr_store
 
 TODO, DONE, FAILED = 0, 1, 2
 CHUNK = 1 << 20
@@ -33,21 +36,34 @@ def ledger_path(output_path: str) -> str:
 class Ledger:
     """Block states held in memory (1 byte each) and flushed to zarr in batches."""
 
-    def __init__(self, path: str, geometry: dict[str, Any], states: np.ndarray) -> None:
+    def __init__(
+        self,
+        path: str,
+        geometry: dict[str, Any],
+        states: np.ndarray,
+        storage_options: dict | None = None,
+    ) -> None:
         self.path = path
+        self.storage_options = dict(storage_options or {})
         self.geometry = geometry
         self.states = states
         self._dirty = False
         self._last_flush = time.monotonic()
 
     @staticmethod
-    def exists(path: str) -> bool:
-        return os.path.exists(path)
+    def exists(path: str, storage_options: dict | None = None) -> bool:
+        return exists(path, storage_options)
 
     @classmethod
-    def create(cls, path: str, geometry: dict[str, Any], num_blocks: int) -> Ledger:
+    def create(
+        cls,
+        path: str,
+        geometry: dict[str, Any],
+        num_blocks: int,
+        storage_options: dict | None = None,
+    ) -> Ledger:
         array = zarr.create_array(
-            path,
+            zarr_store(path, storage_options),
             shape=(num_blocks,),
             chunks=(min(CHUNK, num_blocks),),
             dtype="uint8",
@@ -55,12 +71,17 @@ class Ledger:
             overwrite=True,
         )
         array.attrs.update({"geometry_hash": geometry_hash(geometry), "geometry": geometry})
-        return cls(path, geometry, np.zeros(num_blocks, dtype=np.uint8))
+        return cls(path, geometry, np.zeros(num_blocks, dtype=np.uint8), storage_options)
 
     @classmethod
-    def open(cls, path: str, geometry: dict[str, Any] | None = None) -> Ledger:
+    def open(
+        cls,
+        path: str,
+        geometry: dict[str, Any] | None = None,
+        storage_options: dict | None = None,
+    ) -> Ledger:
         """Open an existing ledger; with ``geometry``, refuse one of another plan."""
-        array = zarr.open_array(path, mode="r")
+        array = zarr.open_array(zarr_store(path, storage_options, read_only=True), mode="r")
         stored = dict(array.attrs.get("geometry", {}))
         if geometry is not None and array.attrs.get("geometry_hash") != geometry_hash(geometry):
             changed = [
@@ -71,7 +92,7 @@ class Ledger:
                 path,
                 "set output.overwrite: true to start over, or restore the workflow",
             )
-        return cls(path, stored, np.asarray(array[:], dtype=np.uint8))
+        return cls(path, stored, np.asarray(array[:], dtype=np.uint8), storage_options)
 
     def mark(self, block_id: int, state: int) -> None:
         self.states[block_id] = state
@@ -92,7 +113,7 @@ class Ledger:
         """Write the states if changed and at least ``every`` seconds passed."""
         if not self._dirty or time.monotonic() - self._last_flush < every:
             return
-        zarr.open_array(self.path, mode="r+")[:] = self.states
+        zarr.open_array(zarr_store(self.path, self.storage_options), mode="r+")[:] = self.states
         self._dirty = False
         self._last_flush = time.monotonic()
 

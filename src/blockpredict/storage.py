@@ -9,8 +9,7 @@ through the distributed scheduler as nested tasks.
 from __future__ import annotations
 
 import os
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ from funlib.persistence import open_ds, prepare_ds
 
 from .config import Scaling
 from .errors import InputError, OutputExistsError
+from .stores import check_container, is_url, join, remove, zarr_store
+from .stores import exists as store_exists
 
 INPUT_DTYPES = (
     "uint8",
@@ -47,15 +48,22 @@ class InputInfo:
     has_channel_axis: bool
     axis_names: tuple[str, ...]
     units: tuple[str, ...]
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
+    cache_bytes: int = 0  # per-worker cache of recently read chunks (URL containers)
 
 
-def open_input(container: Path, dataset: str) -> InputInfo:
+def open_input(
+    container: Path | str, dataset: str, storage_options: dict | None = None
+) -> InputInfo:
     """Read the input's metadata, or raise :class:`InputError`."""
-    if not os.path.exists(container):
+    options = dict(storage_options or {})
+    if is_url(container):
+        check_container(str(container), options, "input")
+    elif not os.path.exists(container):
         raise InputError("input container not found", str(container), "check input.container")
-    path = os.path.join(str(container), dataset)
+    path = join(container, dataset)
     try:
-        array = open_ds(path)
+        array = open_ds(zarr_store(path, options, read_only=True))
     except Exception as e:  # zarr raises several types for a missing array
         raise InputError(
             f"input dataset {dataset!r} not found or unreadable ({type(e).__name__})",
@@ -82,6 +90,7 @@ def open_input(container: Path, dataset: str) -> InputInfo:
         has_channel_axis=bool(channel_dims),
         axis_names=tuple(spatial),
         units=tuple(array.units),
+        storage_options=options,
     )
 
 
@@ -111,7 +120,10 @@ class BlockReader:
     @property
     def array(self) -> zarr.Array:
         if self._array is None:
-            self._array = zarr.open_array(self.info.path, mode="r")
+            store = zarr_store(
+                self.info.path, self.info.storage_options, True, self.info.cache_bytes
+            )
+            self._array = zarr.open_array(store, mode="r")
         return self._array
 
     def read(self, roi: Roi) -> np.ndarray:
@@ -151,16 +163,19 @@ class OutputInfo:
     voxel_size: Coordinate
     dtype: str
     num_channels: int
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
 
 
-def output_path(container: Path, dataset: str) -> str:
-    return os.path.join(str(container), dataset)
+def output_path(container: Path | str, dataset: str) -> str:
+    return join(container, dataset)
 
 
-def check_output(container: Path, dataset: str, overwrite: bool) -> None:
+def check_output(
+    container: Path | str, dataset: str, overwrite: bool, storage_options: dict | None = None
+) -> None:
     """Refuse to clobber an existing output unless asked."""
     path = output_path(container, dataset)
-    if os.path.exists(path) and not overwrite:
+    if store_exists(path, storage_options) and not overwrite:
         raise OutputExistsError(
             "output dataset exists", path, "set output.overwrite: true or choose another dataset"
         )
@@ -177,15 +192,16 @@ def prepare_output(
     axis_names: tuple[str, ...],
     units: tuple[str, ...],
     overwrite: bool,
+    storage_options: dict | None = None,
 ) -> OutputInfo:
     """Create the output array: channels first, one chunk per block write."""
-    check_output(container, dataset, overwrite)
+    check_output(container, dataset, overwrite, storage_options)
     path = output_path(container, dataset)
-    if overwrite and os.path.isdir(path):
-        shutil.rmtree(path)
+    if overwrite:
+        remove(path, storage_options)
     shape = (num_channels, *(roi.shape / voxel_size))
     prepare_ds(
-        path,
+        zarr_store(path, storage_options),
         shape=shape,
         offset=roi.offset,
         voxel_size=voxel_size,
@@ -196,7 +212,9 @@ def prepare_output(
         dtype=np.dtype(dtype),
         mode="w",
     )
-    return OutputInfo(path, roi.copy(), voxel_size, dtype, num_channels)
+    return OutputInfo(
+        path, roi.copy(), voxel_size, dtype, num_channels, dict(storage_options or {})
+    )
 
 
 def convert(prediction: np.ndarray, dtype: str) -> np.ndarray:
@@ -216,7 +234,8 @@ class BlockWriter:
     @property
     def array(self) -> zarr.Array:
         if self._array is None:
-            self._array = zarr.open_array(self.info.path, mode="r+")
+            store = zarr_store(self.info.path, self.info.storage_options)
+            self._array = zarr.open_array(store, mode="r+")
         return self._array
 
     def write(self, roi: Roi, prediction: np.ndarray) -> None:

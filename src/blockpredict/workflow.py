@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,14 @@ from .config import (
     InputConfig,
     OutputConfig,
     Workflow,
+    resolve_container,
     validate_section,
 )
 from .errors import GeometryError, ModelError
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
+from .stores import check_container, exists, is_url
 from .storage import (
     InputInfo,
     OutputInfo,
@@ -83,7 +84,8 @@ def prepare(
     execution: ExecutionConfig | None = None,
 ) -> Prepared:
     """Open the input, check the model against it and plan the blocks."""
-    info = open_input(input.container, input.dataset)
+    info = open_input(input.container, input.dataset, input.storage_options)
+    info = replace(info, cache_bytes=input.chunk_cache_mib << 20)
     normalization(info.dtype, input.normalize)
     if info.num_channels != model.num_in_channels:
         raise ModelError(
@@ -151,13 +153,16 @@ def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
     """Resume where a ledger of the same geometry exists; never clobber unasked."""
     out = prepared.output
     path = prepared.output_path
-    if out.overwrite or not os.path.exists(path):
+    options = out.storage_options
+    if is_url(out.container):  # a missing bucket or denied credentials: before any block
+        check_container(str(out.container), options, "output")
+    if out.overwrite or not exists(path, options):
         return prepared
     ledger = ledger_path(path)
-    if execution.resume and Ledger.exists(ledger):
-        Ledger.open(ledger, prepared.geometry())  # raises when the geometry changed
+    if execution.resume and Ledger.exists(ledger, options):
+        Ledger.open(ledger, prepared.geometry(), options)  # raises when the geometry changed
         return replace(prepared, resume=True)
-    check_output(out.container, out.dataset, out.overwrite)
+    check_output(out.container, out.dataset, out.overwrite, options)
     return prepared
 
 
@@ -201,6 +206,7 @@ def execute(
         plan.output_voxel_size,
         out.dtype,
         prepared.num_out_channels,
+        out.storage_options,
     )
     job = Job(
         plan=plan,
@@ -214,7 +220,7 @@ def execute(
     with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
         logger.info("dashboard: %s", client.dashboard_link)
         if prepared.resume:
-            ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
+            ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
             prepare_output(
@@ -228,8 +234,11 @@ def execute(
                 prepared.input.axis_names,
                 prepared.input.units,
                 out.overwrite,
+                out.storage_options,
             )
-            ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
+            ledger = Ledger.create(
+                ledger_path(info.path), prepared.geometry(), plan.num_blocks, out.storage_options
+            )
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
         return run(
             client,
@@ -263,9 +272,11 @@ def predict(
     base = Path.cwd()
     input_cfg = validate_section(InputConfig, input, "input")
     output_cfg = validate_section(OutputConfig, output, "output")
-    input_cfg = input_cfg.model_copy(update={"container": (base / input_cfg.container).resolve()})
+    input_cfg = input_cfg.model_copy(
+        update={"container": resolve_container(input_cfg.container, base)}
+    )
     output_cfg = output_cfg.model_copy(
-        update={"container": (base / output_cfg.container).resolve()}
+        update={"container": resolve_container(output_cfg.container, base)}
     )
     cluster_cfg = validate_section(ClusterConfig, cluster or {}, "cluster")
     execution_cfg = validate_section(ExecutionConfig, execution or {}, "execution")

@@ -1,0 +1,330 @@
+"""Where containers live: local paths and fsspec URLs (s3://, gs://, http(s)://).
+
+A local path stays a plain path string, so zarr keeps its local store and
+nothing changes for data on disk. A URL becomes zarr's ``FsspecStore`` wrapped
+in a :class:`RetryingStore` (transient errors retried with capped, jittered
+backoff inside the read or write) and, for inputs read by workers, an
+:class:`~blockpredict.cache.ChunkCache` of recently read chunks.
+
+Credentials and endpoints come the standard way (AWS variables and config
+files, ``AWS_ENDPOINT_URL``, Google's application-default credentials);
+``storage_options`` are passed to fsspec as they are. Filesystems are made in
+the process that uses them (workers open their own stores; only block ids
+travel), and fsspec drops its cached instances after a fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from zarr.abc.store import ByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, WrapperStore
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = ("s3", "gs", "gcs", "http", "https", "file")
+READ_ONLY_SCHEMES = ("http", "https")
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+# transient errors: this many attempts, sleeping up to min(CAP, BASE * 2**n), full jitter
+ATTEMPTS = 8
+BASE_S = 0.05
+CAP_S = 5.0
+THROTTLE_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "TooManyRequests", "503", "500")
+T = TypeVar("T")
+Options = Mapping[str, Any] | None
+
+
+def is_url(container: str | Path) -> bool:
+    """True for ``scheme://...`` (a local path never contains ``://``)."""
+    return isinstance(container, str) and "://" in container
+
+
+def check_url(text: str) -> str:
+    """The URL as given, or ``ValueError`` saying what is wrong with it."""
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"unsupported URL scheme {parts.scheme!r} in {text!r} "
+            f"(use {', '.join(s + '://' for s in SCHEMES)} or a local path)"
+        )
+    if scheme != "file" and not parts.netloc:
+        what = "a bucket" if scheme in BUCKET_SCHEMES else "a host"
+        raise ValueError(f"{text!r} names no {what} (write {scheme}://{what[2:]}/path)")
+    if scheme in BUCKET_SCHEMES and not _valid_bucket(parts.netloc):
+        raise ValueError(f"{parts.netloc!r} is not a valid bucket name in {text!r}")
+    return text
+
+
+def _valid_bucket(name: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
+    return 3 <= len(name) <= 63 and set(name) <= allowed and name[0].isalnum()
+
+
+def local_path(url: str) -> Path:
+    """The path of a ``file://`` URL."""
+    parts = urlsplit(url)
+    return Path(parts.netloc + parts.path) if parts.netloc else Path(parts.path)
+
+
+def join(container: str | Path, dataset: str) -> str:
+    """A dataset inside a container, as a path or a URL."""
+    if is_url(container):
+        return str(container).rstrip("/") + "/" + dataset.strip("/")
+    import os
+
+    return os.path.join(str(container), dataset)
+
+
+# --- transient errors and backoff -------------------------------------------
+
+
+def is_transient(error: BaseException) -> bool:
+    """Throttling, 5xx answers, timeouts and reset connections; never a 404 or a denial."""
+    if isinstance(
+        error,
+        FileNotFoundError | PermissionError | FileExistsError | IsADirectoryError,
+    ):
+        return False
+    if isinstance(error, ConnectionError | TimeoutError | asyncio.TimeoutError):
+        return True
+    status = _status(error)
+    if status is not None:
+        return status >= 500 or status == 429
+    name = type(error).__name__
+    if name in ("ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
+                "ClientPayloadError", "EndpointConnectionError", "ReadTimeoutError",
+                "ConnectTimeoutError", "IncompleteRead", "ResponseParserError"):
+        return True
+    if isinstance(error, OSError):  # s3fs turns unknown S3 errors into OSError(EIO, message)
+        text = str(error)
+        return error.errno in (errno.EIO, errno.EAGAIN) or any(c in text for c in THROTTLE_CODES)
+    return False
+
+
+def _status(error: BaseException) -> int | None:
+    status = getattr(error, "status", None)  # aiohttp ClientResponseError
+    if isinstance(status, int):
+        return status
+    response = getattr(error, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(code) if code else None
+    return None
+
+
+def backoff_delay(attempt: int) -> float:
+    """Full jitter: uniform in [0, min(CAP_S, BASE_S * 2**attempt)]."""
+    return random.uniform(0.0, min(CAP_S, BASE_S * 2**attempt))
+
+
+async def retry_async(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Await ``call()``, retrying transient errors with capped, jittered backoff."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return await call()
+        except Exception as e:
+            if not is_transient(e) or attempt == ATTEMPTS - 1:
+                raise
+            delay = backoff_delay(attempt)
+            logger.info("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def retry(call: Callable[[], T], what: str) -> T:
+    """``call()`` with the same retries, for synchronous filesystem calls."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except Exception as e:
+            if not is_transient(e) or attempt == ATTEMPTS - 1:
+                raise
+            delay = backoff_delay(attempt)
+            logger.info("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+class RetryingStore(WrapperStore[FsspecStore]):
+    """Retries every read, write, listing and delete on transient errors.
+
+    A missing key is no error here (``get`` returns None, zarr fills the chunk),
+    so it is never retried. A write that is retried rewrites the whole object:
+    S3 objects appear whole or not at all, so no partial chunk is left behind.
+    """
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        return await retry_async(lambda: self._store.get(key, prototype, byte_range), key)
+
+    async def get_partial_values(
+        self,
+        prototype: BufferPrototype,
+        key_ranges: Iterable[tuple[str, ByteRequest | None]],
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        return await retry_async(
+            lambda: self._store.get_partial_values(prototype, key_ranges), "partial values"
+        )
+
+    async def exists(self, key: str) -> bool:
+        return await retry_async(lambda: self._store.exists(key), key)
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await retry_async(lambda: self._store.set(key, value), key)
+
+    async def delete(self, key: str) -> None:
+        await retry_async(lambda: self._store.delete(key), key)
+
+
+# --- opening ----------------------------------------------------------------
+
+
+def zarr_store(
+    path: str | Path, options: Options = None, read_only: bool = False, cache_bytes: int = 0
+) -> Any:
+    """What to give zarr for ``path``: the path itself, or a retrying fsspec store.
+
+    ``cache_bytes`` > 0 adds a bounded cache of recently read chunks (inputs only).
+    """
+    if not is_url(path):
+        return str(path)
+    url = str(path)
+    if url.startswith("file://"):
+        return str(local_path(url))
+    inner = FsspecStore.from_url(url, storage_options=dict(options or {}), read_only=read_only)
+    store: Any = RetryingStore(inner)
+    if cache_bytes > 0 and read_only:
+        from .cache import ChunkCache
+
+        store = ChunkCache(store, cache_bytes)
+    return store
+
+
+def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
+    """A synchronous fsspec filesystem for ``url`` (made in this process) and its path."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(url, **dict(options or {}))
+    fs.invalidate_cache()  # listings cached by an earlier call may be stale
+    return fs, path
+
+
+def exists(path: str | Path, options: Options = None) -> bool:
+    """Whether a file, folder or any object under the prefix exists."""
+    if not is_url(path):
+        import os
+
+        return os.path.exists(path)
+    fs, inner = filesystem(str(path), options)
+    return bool(retry(lambda: fs.exists(inner), str(path)))
+
+
+def remove(path: str | Path, options: Options = None) -> None:
+    """Delete a folder or every object under a prefix (``overwrite``)."""
+    if not is_url(path):
+        import shutil
+
+        if Path(path).is_dir():
+            shutil.rmtree(path)
+        return
+    fs, inner = filesystem(str(path), options)
+    if retry(lambda: fs.exists(inner), str(path)):
+        retry(lambda: fs.rm(inner, recursive=True), str(path))
+
+
+def check_container(url: str, options: Options, role: str) -> None:
+    """Raise :class:`InputError` for a missing bucket or container or denied credentials.
+
+    ``role`` is ``input`` (the container must exist) or ``output`` (its bucket must).
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in READ_ONLY_SCHEMES:
+        return  # HTTP has no folders: a missing dataset shows when it is opened
+    fs, inner = filesystem(url, options)
+    bucket = inner.split("/", 1)[0]
+    where = f"{role}.container"
+    try:
+        if scheme in BUCKET_SCHEMES:
+            retry(lambda: fs.ls(bucket, detail=False), url)
+        if role == "input" and not retry(lambda: fs.exists(inner), url):
+            raise FileNotFoundError(inner)
+    except PermissionError as e:
+        raise InputError(
+            f"access denied to {role} container ({_short(e)})",
+            url,
+            "check the credentials (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) "
+            f"or {role}.storage_options",
+        ) from None
+    except FileNotFoundError as e:
+        if inner.rstrip("/") != bucket and "bucket" not in str(e).lower():
+            raise InputError(f"{role} container not found", url, f"check {where}") from None
+        raise InputError(
+            f"bucket {bucket!r} not found", url, f"check {where} and the endpoint (AWS_ENDPOINT_URL)"
+        ) from None
+    except Exception as e:
+        raise InputError(
+            f"cannot reach the {role} store ({_short(e)})",
+            url,
+            "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials",
+        ) from None
+
+
+# --- the lock primitive: a conditional create -----------------------------------
+
+
+def create_exclusive(url: str, data: bytes, options: Options = None) -> bool:
+    """Create the object ``url`` holding ``data`` unless it exists; True if this call made it.
+
+    On S3 this is one ``PutObject`` with ``If-None-Match: *``: the store itself
+    decides, so two runs can never both win. On other stores (GCS through
+    fsspec, S3-compatible stores that ignore the header) it falls back to
+    check-then-write, which cannot exclude two runs starting in the same moment.
+    """
+    fs, inner = filesystem(url, options)
+    if urlsplit(url).scheme.lower() == "s3":
+        try:
+            retry(lambda: fs.pipe_file(inner, data, mode="create"), url)
+            return True
+        except FileExistsError:
+            return False
+    if retry(lambda: fs.exists(inner), url):
+        return False
+    retry(lambda: fs.pipe_file(inner, data), url)
+    return True
+
+
+def read_object(url: str, options: Options = None) -> bytes | None:
+    """The bytes of one object, or None where it does not exist."""
+    fs, inner = filesystem(url, options)
+    try:
+        return bytes(retry(lambda: fs.cat_file(inner), url))
+    except FileNotFoundError:
+        return None
+
+
+def delete_object(url: str, options: Options = None) -> None:
+    """Delete one object; a missing one is fine."""
+    fs, inner = filesystem(url, options)
+    try:
+        retry(lambda: fs.rm_file(inner), url)
+    except FileNotFoundError:
+        pass
