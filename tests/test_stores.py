@@ -1,0 +1,345 @@
+"""Containers in an object store: a real S3 API (moto's server) on 127.0.0.1, never the network.
+
+Runs go through the real CLI in a subprocess, with ``AWS_ENDPOINT_URL`` pointing at
+the server and dummy keys, and a LocalCluster of 2 worker processes that open the
+store themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import zarr
+from conftest import make_input, read_output, write_workflow
+from s3server import FlakyProxy, moto_server, set_auth
+
+from blockpredict import stores
+from blockpredict.cache import ChunkCache
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
+FACTORY = textwrap.dedent(
+    """
+    import time
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class SlowMean(torch.nn.Module):
+        def __init__(self, delay):
+            super().__init__()
+            self.delay = delay
+        def forward(self, x):
+            time.sleep(self.delay)
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build(delay=0.0):
+        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """moto on loopback; this process talks to it through the standard AWS variables."""
+    saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
+    with moto_server() as url:
+        os.environ.update(AWS, AWS_ENDPOINT_URL=url)
+        try:
+            yield url
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def s3fs_() -> object:
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture
+def bucket(endpoint: str) -> str:
+    name = f"bp-{uuid.uuid4().hex[:12]}"
+    s3fs_().mkdir(name)
+    return name
+
+
+@pytest.fixture
+def setup(tmp_path: Path, bucket: str) -> tuple[Path, str, np.ndarray]:
+    """The factory module, a float32 input on disk and the same input in the bucket."""
+    (tmp_path / "mean.py").write_text(FACTORY)
+    data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    s3fs_().put(str(tmp_path / "in.zarr"), f"{bucket}/in.zarr", recursive=True)
+    return tmp_path, bucket, data
+
+
+def workflow(
+    folder: Path, input: str, output: str, delay: float = 0.0, name: str = "wf.yaml", **sections
+) -> Path:
+    raw = {
+        "input": {"container": input, "dataset": "raw", **sections.pop("input", {})},
+        "model": {"factory": "mean:build", "kwargs": {"delay": delay}},
+        "output": {"container": output, "dataset": "pred", **sections.pop("output", {})},
+        "cluster": {"type": "local", "n_workers": 2},
+        "execution": {"max_retries": 1, **sections.pop("execution", {})},
+    }
+    return write_workflow(folder / name, raw)
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), SRC]), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "blockpredict.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def predict(path: Path, report: str = "report.json", **env: str) -> dict:
+    proc = cli("predict", str(path), "--report", report, "--no-progress", cwd=path.parent, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return json.loads((path.parent / report).read_text())
+
+
+def read_url(url: str, options: dict | None = None) -> np.ndarray:
+    return zarr.open_array(stores.zarr_store(url, options, read_only=True), mode="r")[:]
+
+
+def expected(data: np.ndarray) -> np.ndarray:
+    return torch.nn.functional.avg_pool3d(torch.from_numpy(data)[None, None], 3, stride=1)[0, 0]
+
+
+def ledger_done(url: str) -> int:
+    try:
+        return int((read_url(url) == 1).sum())
+    except Exception:
+        return 0
+
+
+# --- runs ----------------------------------------------------------------------
+
+
+def test_s3_input_and_output_equal_a_local_run_and_the_ledger_lies_in_the_bucket(setup):
+    tmp_path, bucket, data = setup
+    local = predict(workflow(tmp_path, "in.zarr", "out.zarr", name="local.yaml"), "local.json")
+    remote = predict(workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"))
+    assert local["blocks_processed"] == remote["blocks_processed"] == 64
+    got = read_url(f"s3://{bucket}/out.zarr/pred")
+    np.testing.assert_array_equal(got, read_output(tmp_path / "out.zarr" / "pred"))
+    np.testing.assert_allclose(got[0], expected(data), atol=1e-6)
+    ledger = read_url(f"s3://{bucket}/out.zarr/pred-ledger")
+    assert ledger.shape == (64,) and (ledger == 1).all()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".zarr") == [
+        "in.zarr",
+        "out.zarr",
+    ]  # the S3 run wrote nothing local but its report
+
+
+def test_a_rerun_skips_every_block_from_the_ledger_in_the_bucket(setup):
+    tmp_path, bucket, _ = setup
+    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    assert predict(path)["blocks_processed"] == 64
+    again = predict(path)
+    assert again["blocks_processed"] == 0 and again["blocks_skipped"] == 64
+    status = cli("status", str(path), cwd=tmp_path)
+    out, err = status.communicate(timeout=120)
+    assert status.returncode == 0, err
+    assert "done: 64/64" in out
+
+
+def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
+    tmp_path, bucket, data = setup
+    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr", delay=0.15)
+    proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
+    deadline = time.time() + 120
+    while ledger_done(f"s3://{bucket}/out.zarr/pred-ledger") < 4 and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
+    np.testing.assert_allclose(read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6)
+
+
+def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
+    """One request in ten answers 503; botocore's own retries are off and so are block retries."""
+    tmp_path, bucket, data = setup
+    options = {"storage_options": NO_BOTO_RETRIES}
+    with FlakyProxy(endpoint, every=10) as proxy:
+        path = workflow(
+            tmp_path,
+            f"s3://{bucket}/in.zarr",
+            f"s3://{bucket}/out.zarr",
+            input=options,
+            output=options,
+            execution={"max_retries": 0},
+        )
+        report = predict(path, AWS_ENDPOINT_URL=proxy.endpoint)
+    assert proxy.failures >= 10  # the run really met errors
+    assert report["blocks_processed"] == 64 and report["retries"] == 0
+    np.testing.assert_allclose(read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6)
+
+
+# --- bad input: one line, exit code 2, nothing written -------------------------------
+
+
+def bad(path: Path, phrase: str, env: dict | None = None) -> None:
+    proc = cli("predict", str(path), "--report", "report.json", cwd=path.parent, env=env)
+    out, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert phrase in lines[0], lines[0]
+    assert not (path.parent / "report.json").exists()
+
+
+def nothing_in(bucket: str, prefix: str = "out.zarr") -> bool:
+    return not s3fs_().exists(f"{bucket}/{prefix}")
+
+
+@pytest.mark.parametrize(
+    "input, output, phrase",
+    [
+        ("s3://no-such-bucket/in.zarr", "s3://{b}/out.zarr", "bucket 'no-such-bucket' not found"),
+        ("s3://{b}/in.zarr", "s3://no-such-bucket/out.zarr", "bucket 'no-such-bucket' not found"),
+        ("s3://{b}/missing.zarr", "s3://{b}/out.zarr", "input container not found"),
+        ("s3://{b}/in.zarr", "https://example.org/out.zarr", "https:// is read-only"),
+        ("s3:///in.zarr", "s3://{b}/out.zarr", "names no bucket"),
+        ("sftp://host/in.zarr", "s3://{b}/out.zarr", "unsupported URL scheme"),
+    ],
+    ids=["missing-input-bucket", "missing-output-bucket", "missing-key", "http-output",
+         "no-bucket", "unknown-scheme"],
+)
+def test_bad_store_input(setup, input, output, phrase):
+    tmp_path, bucket, _ = setup
+    path = workflow(tmp_path, input.format(b=bucket), output.format(b=bucket))
+    bad(path, phrase)
+    assert nothing_in(bucket)
+
+
+def test_missing_dataset_in_the_bucket(setup):
+    tmp_path, bucket, _ = setup
+    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    path.write_text(path.read_text().replace("dataset: raw", "dataset: nothere"))
+    bad(path, "input dataset 'nothere' not found")
+    assert nothing_in(bucket)
+
+
+def test_wrong_credentials(setup, endpoint):
+    """moto checks keys against its IAM users once told to (moto-api/reset-auth)."""
+    tmp_path, bucket, _ = setup
+    import boto3
+
+    iam = boto3.client("iam")
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName=user, PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    set_auth(endpoint, True)
+    try:
+        bad(path, "access denied", {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"})
+        good = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        proc = cli("plan", str(path), cwd=tmp_path, env=good)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err  # the right keys pass the same checks
+    finally:
+        set_auth(endpoint, False)
+    assert nothing_in(bucket)
+
+
+# --- the store primitives ------------------------------------------------------------------
+
+
+def test_create_exclusive_lets_one_caller_win(bucket):
+    url = f"s3://{bucket}/out.zarr/pred.lock"
+    assert stores.create_exclusive(url, b"run 1")
+    assert not stores.create_exclusive(url, b"run 2")
+    assert stores.read_object(url) == b"run 1"
+    stores.delete_object(url)
+    assert stores.read_object(url) is None
+    stores.delete_object(url)  # deleting twice is fine
+    assert stores.create_exclusive(url, b"run 3")
+
+
+def test_transient_errors_are_told_from_permanent_ones():
+    from botocore.exceptions import ClientError
+
+    def client_error(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op")
+
+    assert stores.is_transient(client_error(503, "SlowDown"))
+    assert stores.is_transient(client_error(500, "InternalError"))
+    assert stores.is_transient(ConnectionResetError())
+    assert stores.is_transient(OSError(5, "Service Unavailable"))
+    assert not stores.is_transient(FileNotFoundError("no such key"))
+    assert not stores.is_transient(PermissionError("denied"))
+    assert not stores.is_transient(client_error(404, "NoSuchKey"))
+    assert not stores.is_transient(ValueError("bug"))
+    delays = [stores.backoff_delay(n) for n in range(30)]
+    assert all(0 <= d <= stores.CAP_S for d in delays)
+
+
+def test_the_chunk_cache_serves_repeated_reads_and_stays_bounded(setup):
+    _, bucket, data = setup
+    inner = stores.zarr_store(f"s3://{bucket}/in.zarr/raw", read_only=True)
+    cache = ChunkCache(inner, max_bytes=1 << 20)
+    array = zarr.open_array(cache, mode="r")
+    np.testing.assert_array_equal(array[:], data)
+    misses = cache.misses
+    np.testing.assert_array_equal(array[:10], data[:10])
+    assert cache.misses == misses and cache.hits > 0
+    assert cache.nbytes <= cache.max_bytes
+
+
+def test_urls_bypass_path_resolution(tmp_path):
+    from blockpredict.config import load_workflow
+
+    path = workflow(tmp_path, "s3://bkt/in.zarr", "file:///data/out.zarr")
+    loaded = load_workflow(path)
+    assert loaded.input.container == "s3://bkt/in.zarr"
+    assert loaded.output.container == Path("/data/out.zarr")
+    relative = load_workflow(workflow(tmp_path, "in.zarr", "out.zarr", name="rel.yaml"))
+    assert relative.input.container == tmp_path.resolve() / "in.zarr"
