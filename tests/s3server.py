@@ -37,7 +37,10 @@ def moto_server() -> Iterator[str]:
 def set_auth(endpoint: str, enforced: bool) -> None:
     """Make moto check credentials (against its IAM users) or accept any."""
     request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=b"0" if enforced else b"inf", method="POST"
+        f"{endpoint}/moto-api/reset-auth",
+        data=b"0" if enforced else b"inf",
+        headers={"Content-Type": "text/plain"},
+        method="POST",
     )
     urllib.request.urlopen(request).read()
 

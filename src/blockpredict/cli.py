@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.debug:
-        for noisy in ("distributed", "bokeh", "tornado"):
+        for noisy in ("distributed", "bokeh", "tornado", "botocore", "aiobotocore", "s3fs"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return int(args.func(args))

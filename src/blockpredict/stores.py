@@ -60,8 +60,8 @@ def check_url(text: str) -> str:
             f"(use {', '.join(s + '://' for s in SCHEMES)} or a local path)"
         )
     if scheme != "file" and not parts.netloc:
-        what = "a bucket" if scheme in BUCKET_SCHEMES else "a host"
-        raise ValueError(f"{text!r} names no {what} (write {scheme}://{what[2:]}/path)")
+        what = "bucket" if scheme in BUCKET_SCHEMES else "host"
+        raise ValueError(f"{text!r} names no {what} (write {scheme}://{what}/path)")
     if scheme in BUCKET_SCHEMES and not _valid_bucket(parts.netloc):
         raise ValueError(f"{parts.netloc!r} is not a valid bucket name in {text!r}")
     return text
@@ -138,7 +138,7 @@ async def retry_async(call: Callable[[], Awaitable[T]], what: str) -> T:
             if not is_transient(e) or attempt == ATTEMPTS - 1:
                 raise
             delay = backoff_delay(attempt)
-            logger.info("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
+            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -152,7 +152,7 @@ def retry(call: Callable[[], T], what: str) -> T:
             if not is_transient(e) or attempt == ATTEMPTS - 1:
                 raise
             delay = backoff_delay(attempt)
-            logger.info("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
+            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
