@@ -103,14 +103,21 @@ def setup(tmp_path: Path, bucket: str) -> tuple[Path, str, np.ndarray]:
 
 
 def workflow(
-    folder: Path, input: str, output: str, delay: float = 0.0, name: str = "wf.yaml", **sections
+    folder: Path,
+    input: str,
+    output: str,
+    delay: float = 0.0,
+    name: str = "wf.yaml",
+    storage_options: dict | None = None,
+    execution: dict | None = None,
 ) -> Path:
+    options = {"storage_options": storage_options} if storage_options else {}
     raw = {
-        "input": {"container": input, "dataset": "raw", **sections.pop("input", {})},
+        "input": {"container": input, "dataset": "raw", **options},
         "model": {"factory": "mean:build", "kwargs": {"delay": delay}},
-        "output": {"container": output, "dataset": "pred", **sections.pop("output", {})},
+        "output": {"container": output, "dataset": "pred", **options},
         "cluster": {"type": "local", "n_workers": 2},
-        "execution": {"max_retries": 1, **sections.pop("execution", {})},
+        "execution": {"max_retries": 1, **(execution or {})},
     }
     return write_workflow(folder / name, raw)
 
@@ -205,14 +212,12 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
 def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
     """One request in ten answers 503; botocore's own retries are off and so are block retries."""
     tmp_path, bucket, data = setup
-    options = {"storage_options": NO_BOTO_RETRIES}
     with FlakyProxy(endpoint, every=10) as proxy:
         path = workflow(
             tmp_path,
             f"s3://{bucket}/in.zarr",
             f"s3://{bucket}/out.zarr",
-            input=options,
-            output=options,
+            storage_options=NO_BOTO_RETRIES,
             execution={"max_retries": 0},
         )
         report = predict(path, AWS_ENDPOINT_URL=proxy.endpoint)
@@ -306,7 +311,8 @@ def test_transient_errors_are_told_from_permanent_ones():
     assert stores.is_transient(client_error(503, "SlowDown"))
     assert stores.is_transient(client_error(500, "InternalError"))
     assert stores.is_transient(ConnectionResetError())
-    assert stores.is_transient(OSError(5, "Service Unavailable"))
+    assert stores.is_transient(OSError(16, "Service Unavailable"))  # s3fs: 503, SlowDown
+    assert stores.is_transient(OSError(5, "InternalError"))
     assert not stores.is_transient(FileNotFoundError("no such key"))
     assert not stores.is_transient(PermissionError("denied"))
     assert not stores.is_transient(client_error(404, "NoSuchKey"))

@@ -40,7 +40,9 @@ BUCKET_SCHEMES = ("s3", "gs", "gcs")
 ATTEMPTS = 8
 BASE_S = 0.05
 CAP_S = 5.0
-THROTTLE_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "TooManyRequests", "503", "500")
+THROTTLE_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "TooManyRequests", "Unavailable")
+# s3fs maps throttling and 503 to EBUSY, unknown S3 errors to EIO
+TRANSIENT_ERRNOS = (errno.EBUSY, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET)
 T = TypeVar("T")
 Options = Mapping[str, Any] | None
 
@@ -107,9 +109,9 @@ def is_transient(error: BaseException) -> bool:
                 "ClientPayloadError", "EndpointConnectionError", "ReadTimeoutError",
                 "ConnectTimeoutError", "IncompleteRead", "ResponseParserError"):
         return True
-    if isinstance(error, OSError):  # s3fs turns unknown S3 errors into OSError(EIO, message)
+    if isinstance(error, OSError):
         text = str(error)
-        return error.errno in (errno.EIO, errno.EAGAIN) or any(c in text for c in THROTTLE_CODES)
+        return error.errno in TRANSIENT_ERRNOS or any(c in text for c in THROTTLE_CODES)
     return False
 
 
