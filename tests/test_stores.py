@@ -342,3 +342,18 @@ def test_urls_bypass_path_resolution(tmp_path):
     assert loaded.output.container == Path("/data/out.zarr")
     relative = load_workflow(workflow(tmp_path, "in.zarr", "out.zarr", name="rel.yaml"))
     assert relative.input.container == tmp_path.resolve() / "in.zarr"
+
+
+def test_bench_store_reports_what_the_cache_saves(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "bench", "--store", "2", "--json", "b.json"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the cache saves" in result.stdout
+    off, on = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert on["requests"] < off["requests"]

@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     bench.add_argument("--dir", type=Path, help="keep the bench data here (default: a temp dir)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench.add_argument(
+        "--store",
+        type=float,
+        metavar="DELAY_MS",
+        help="only the object-store figures: chunk cache on/off against a local S3 endpoint "
+        "with this delay per request (needs moto[server], from the test extra)",
+    )
     bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
@@ -196,6 +203,14 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
 def _bench(args: argparse.Namespace) -> int:
     import json
 
+    if args.store is not None:
+        from .bench_store import bench_store, format_store
+
+        results = bench_store(args.store)
+        print(format_store(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     from .bench import format_results, run_bench
 
     results = run_bench(args.dir, args.quick)
