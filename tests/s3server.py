@@ -1,4 +1,4 @@
-"""A real S3 API on loopback for the tests: moto's server, and a proxy that answers 503 now and then."""
+"""A real S3 API on loopback for the tests: moto's server, and a proxy answering 503 at times."""
 
 from __future__ import annotations
 

@@ -206,7 +206,9 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     assert proc.returncode == 0, err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
-    np.testing.assert_allclose(read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6)
+    np.testing.assert_allclose(
+        read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6
+    )
 
 
 def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
@@ -223,7 +225,9 @@ def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpo
         report = predict(path, AWS_ENDPOINT_URL=proxy.endpoint)
     assert proxy.failures >= 10  # the run really met errors
     assert report["blocks_processed"] == 64 and report["retries"] == 0
-    np.testing.assert_allclose(read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6)
+    np.testing.assert_allclose(
+        read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6
+    )
 
 
 # --- bad input: one line, exit code 2, nothing written -------------------------------
@@ -253,8 +257,14 @@ def nothing_in(bucket: str, prefix: str = "out.zarr") -> bool:
         ("s3:///in.zarr", "s3://{b}/out.zarr", "names no bucket"),
         ("sftp://host/in.zarr", "s3://{b}/out.zarr", "unsupported URL scheme"),
     ],
-    ids=["missing-input-bucket", "missing-output-bucket", "missing-key", "http-output",
-         "no-bucket", "unknown-scheme"],
+    ids=[
+        "missing-input-bucket",
+        "missing-output-bucket",
+        "missing-key",
+        "http-output",
+        "no-bucket",
+        "unknown-scheme",
+    ],
 )
 def test_bad_store_input(setup, input, output, phrase):
     tmp_path, bucket, _ = setup
@@ -306,7 +316,9 @@ def test_transient_errors_are_told_from_permanent_ones():
     from botocore.exceptions import ClientError
 
     def client_error(status: int, code: str) -> ClientError:
-        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op")
+        return ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op"
+        )
 
     assert stores.is_transient(client_error(503, "SlowDown"))
     assert stores.is_transient(client_error(500, "InternalError"))

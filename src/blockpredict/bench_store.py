@@ -56,7 +56,9 @@ class DelayProxy:
                     if key.lower() not in HOP_HEADERS:
                         self.send_header(key, value)
                 size = response.getheader("Content-Length", "0")
-                self.send_header("Content-Length", size if self.command == "HEAD" else str(len(data)))
+                self.send_header(
+                    "Content-Length", size if self.command == "HEAD" else str(len(data))
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -109,7 +111,7 @@ def bench_store(delay_ms: float = 20.0, size: int = 128, chunk: int = 32) -> dic
         rows = []
         for cache_bytes in (0, DEFAULT_BYTES):
             reader = BlockReader(replace(info, cache_bytes=cache_bytes), "auto")
-            reader.array  # open (metadata requests) before counting
+            _ = reader.array  # open (metadata requests) before counting
             before, start = proxy.requests, time.perf_counter()
             for block_id in morton_order(plan.grid_shape):
                 reader.read(plan.block(block_id).read_roi)

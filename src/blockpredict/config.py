@@ -171,7 +171,7 @@ class OutputConfig(Strict):
     def _writable(self) -> OutputConfig:
         scheme = str(self.container).split("://", 1)[0].lower() if is_url(self.container) else ""
         if scheme in READ_ONLY_SCHEMES:
-            raise ValueError(f"{scheme}:// is read-only; write the output to s3://, gs:// or a path")
+            raise ValueError(f"{scheme}:// is read-only; write the output to s3://, gs://, a path")
         return self
 
 

@@ -105,9 +105,17 @@ def is_transient(error: BaseException) -> bool:
     if status is not None:
         return status >= 500 or status == 429
     name = type(error).__name__
-    if name in ("ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
-                "ClientPayloadError", "EndpointConnectionError", "ReadTimeoutError",
-                "ConnectTimeoutError", "IncompleteRead", "ResponseParserError"):
+    if name in (
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "EndpointConnectionError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "IncompleteRead",
+        "ResponseParserError",
+    ):
         return True
     if isinstance(error, OSError):
         text = str(error)
@@ -225,7 +233,14 @@ def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
     """A synchronous fsspec filesystem for ``url`` (made in this process) and its path."""
     from fsspec.core import url_to_fs
 
-    fs, path = url_to_fs(url, **dict(options or {}))
+    try:
+        fs, path = url_to_fs(url, **dict(options or {}))
+    except ImportError as e:  # s3fs, gcsfs or aiohttp missing
+        raise InputError(
+            f"no filesystem for {urlsplit(url).scheme}:// ({e})",
+            url,
+            "pip install 'blockpredict[cloud]'",
+        ) from None
     fs.invalidate_cache()  # listings cached by an earlier call may be stale
     return fs, path
 
@@ -280,7 +295,9 @@ def check_container(url: str, options: Options, role: str) -> None:
         if inner.rstrip("/") != bucket and "bucket" not in str(e).lower():
             raise InputError(f"{role} container not found", url, f"check {where}") from None
         raise InputError(
-            f"bucket {bucket!r} not found", url, f"check {where} and the endpoint (AWS_ENDPOINT_URL)"
+            f"bucket {bucket!r} not found",
+            url,
+            f"check {where} and the endpoint (AWS_ENDPOINT_URL)",
         ) from None
     except Exception as e:
         raise InputError(

@@ -30,7 +30,6 @@ from .errors import GeometryError, ModelError
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
-from .stores import check_container, exists, is_url
 from .storage import (
     InputInfo,
     OutputInfo,
@@ -40,6 +39,7 @@ from .storage import (
     output_path,
     prepare_output,
 )
+from .stores import check_container, exists, is_url
 from .worker import Job, describe
 
 logger = logging.getLogger(__name__)
