@@ -312,6 +312,22 @@ def test_create_exclusive_lets_one_caller_win(bucket):
     assert stores.create_exclusive(url, b"run 3")
 
 
+def test_a_ledger_in_the_bucket_round_trips_and_refuses_another_geometry(bucket):
+    from blockpredict.ledger import DONE, Ledger, LedgerMismatchError
+
+    url = f"s3://{bucket}/out.zarr/pred-ledger"
+    assert not Ledger.exists(url)
+    ledger = Ledger.create(url, {"plan": 1}, 10)
+    ledger.mark(3, DONE)
+    ledger.flush()
+    assert Ledger.exists(url)
+    assert Ledger.open(url, {"plan": 1}).counts()["done"] == 1
+    with pytest.raises(LedgerMismatchError):
+        Ledger.open(url, {"plan": 2})
+    stores.remove(f"s3://{bucket}/out.zarr")
+    assert not stores.exists(url)
+
+
 def test_transient_errors_are_told_from_permanent_ones():
     from botocore.exceptions import ClientError
 
