@@ -160,10 +160,12 @@ def ledger_done(url: str) -> int:
 # --- runs ----------------------------------------------------------------------
 
 
-def test_s3_input_and_output_equal_a_local_run_and_the_ledger_lies_in_the_bucket(setup):
+def test_s3_run_equals_a_local_run_and_a_rerun_skips_every_block(setup):
+    """The ledger lies in the bucket, and resume (and ``status``) work from it."""
     tmp_path, bucket, data = setup
     local = predict(workflow(tmp_path, "in.zarr", "out.zarr", name="local.yaml"), "local.json")
-    remote = predict(workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr"))
+    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    remote = predict(path)
     assert local["blocks_processed"] == remote["blocks_processed"] == 64
     got = read_url(f"s3://{bucket}/out.zarr/pred")
     np.testing.assert_array_equal(got, read_output(tmp_path / "out.zarr" / "pred"))
@@ -174,12 +176,6 @@ def test_s3_input_and_output_equal_a_local_run_and_the_ledger_lies_in_the_bucket
         "in.zarr",
         "out.zarr",
     ]  # the S3 run wrote nothing local but its report
-
-
-def test_a_rerun_skips_every_block_from_the_ledger_in_the_bucket(setup):
-    tmp_path, bucket, _ = setup
-    path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
-    assert predict(path)["blocks_processed"] == 64
     again = predict(path)
     assert again["blocks_processed"] == 0 and again["blocks_skipped"] == 64
     status = cli("status", str(path), cwd=tmp_path)
