@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,6 +165,11 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     nbytes = prepared.output_nbytes()
     rows = [
         ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
+        *(
+            [("input level", f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
+              f"{c(lv.voxel_size)} offset {c(lv.offset)}")]
+            if (lv := prepared.input.ome_level) else []
+        ),
         ("input voxel size", c(plan.input_voxel_size)),
         ("output voxel size", c(plan.output_voxel_size)),
         (
@@ -185,11 +191,27 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
             f"chunks {c((prepared.num_out_channels, *plan.write_shape))} {out.dtype}",
         ),
         ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
+        *_describe_layout(prepared.output_info()),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _describe_layout(info) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """One row per written array: OME-NGFF images and their levels."""
+    rows = [("output format", f"zarr v{info.zarr_format}, OME-NGFF "
+             f"{'0.4' if info.zarr_format == 2 else '0.5'}, compressor {info.compressor}")]
+    for image in info.images:
+        for level in image.levels:
+            shards = f" shards {tuple(level.shards)}" if level.shards else ""
+            rows.append((
+                f"  {os.path.basename(image.path)}/{level.name}",
+                f"channels {list(image.channels)} {image.dtype} shape {tuple(level.shape)} "
+                f"voxel size {tuple(level.voxel_size)} chunks {tuple(level.chunks)}{shards}",
+            ))
+    return rows
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -12,14 +12,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds, prepare_ds
 
+from . import ome
 from .config import Scaling
 from .errors import InputError, OutputExistsError
+from .layout import Image, OutputInfo
+from .pyramid import downsample
 
 INPUT_DTYPES = (
     "uint8",
@@ -47,6 +51,8 @@ class InputInfo:
     has_channel_axis: bool
     axis_names: tuple[str, ...]
     units: tuple[str, ...]
+    zarr_format: int = 3
+    ome_level: ome.OmeLevel | None = None  # where the input is a level of an OME-NGFF image
 
 
 def open_input(container: Path, dataset: str) -> InputInfo:
@@ -54,8 +60,9 @@ def open_input(container: Path, dataset: str) -> InputInfo:
     if not os.path.exists(container):
         raise InputError("input container not found", str(container), "check input.container")
     path = os.path.join(str(container), dataset)
+    level = ome.find_level(str(container), dataset)
     try:
-        array = open_ds(path)
+        array = open_ds(path) if level is None else _open_ome_level(path, level)
     except Exception as e:  # zarr raises several types for a missing array
         raise InputError(
             f"input dataset {dataset!r} not found or unreadable ({type(e).__name__})",
@@ -82,6 +89,20 @@ def open_input(container: Path, dataset: str) -> InputInfo:
         has_channel_axis=bool(channel_dims),
         axis_names=tuple(spatial),
         units=tuple(array.units),
+        zarr_format=zarr.open_array(path, mode="r").metadata.zarr_format,
+        ome_level=level,
+    )
+
+
+def _open_ome_level(path: str, level: ome.OmeLevel) -> Any:
+    """A level of an OME-NGFF image, with the voxel size and offset of its group's metadata."""
+    return open_ds(
+        path,
+        voxel_size=level.voxel_size,
+        offset=level.offset,
+        axis_names=level.axis_names,
+        units=level.units,
+        types=level.types,
     )
 
 
@@ -142,17 +163,6 @@ def _slices(roi: Roi, origin: Coordinate, voxel_size: Coordinate) -> tuple[slice
     return (slice(None), *(slice(b, e) for b, e in zip(begin, end, strict=True)))
 
 
-@dataclass(frozen=True)
-class OutputInfo:
-    """Where and how blocks are written."""
-
-    path: str
-    roi: Roi
-    voxel_size: Coordinate
-    dtype: str
-    num_channels: int
-
-
 def output_path(container: Path, dataset: str) -> str:
     return os.path.join(str(container), dataset)
 
@@ -166,60 +176,109 @@ def check_output(container: Path, dataset: str, overwrite: bool) -> None:
         )
 
 
-def prepare_output(
-    container: Path,
-    dataset: str,
-    roi: Roi,
-    voxel_size: Coordinate,
-    write_shape: Coordinate,
-    num_channels: int,
-    dtype: str,
-    axis_names: tuple[str, ...],
-    units: tuple[str, ...],
-    overwrite: bool,
-) -> OutputInfo:
-    """Create the output array: channels first, one chunk per block write."""
-    check_output(container, dataset, overwrite)
-    path = output_path(container, dataset)
-    if overwrite and os.path.isdir(path):
-        shutil.rmtree(path)
-    shape = (num_channels, *(roi.shape / voxel_size))
-    prepare_ds(
-        path,
-        shape=shape,
-        offset=roi.offset,
-        voxel_size=voxel_size,
-        axis_names=["c^", *axis_names],
-        types=["channel", *(["space"] * voxel_size.dims)],
-        units=list(units),
-        chunk_shape=(num_channels, *write_shape),
-        dtype=np.dtype(dtype),
-        mode="w",
+def prepare_output(info: OutputInfo, overwrite: bool) -> OutputInfo:
+    """Create every image of the output: its level arrays, then its OME-NGFF metadata.
+
+    Each image is a group ``container/name`` holding ``s0`` (full resolution)
+    and ``s1``.. (pyramid levels); every level array also carries funlib's
+    attributes, so ``open_ds(container/name/s0)`` reads its voxel size.
+    """
+    container = os.path.dirname(info.images[0].path) if info.images else info.path
+    for image in info.images:
+        if os.path.exists(image.path) and not overwrite:
+            raise OutputExistsError(
+                "output dataset exists",
+                image.path,
+                "set output.overwrite: true or choose another dataset",
+            )
+    if not os.path.exists(os.path.join(container, "zarr.json" if info.zarr_format == 3 else ".zgroup")):
+        zarr.open_group(container, mode="a", zarr_format=info.zarr_format)  # type: ignore[arg-type]
+    for image in info.images:
+        if overwrite and os.path.isdir(image.path):
+            shutil.rmtree(image.path)
+        _create_image(info, image)
+    return info
+
+
+def _create_image(info: OutputInfo, image: Image) -> None:
+    group = zarr.open_group(image.path, mode="w", zarr_format=info.zarr_format)  # type: ignore[arg-type]
+    names = list(info.axis_names)
+    for level in image.levels:
+        group.create_array(
+            name=level.name,
+            shape=level.shape,
+            chunks=level.chunks,
+            shards=level.shards,
+            dtype=np.dtype(image.dtype),
+            fill_value=0,
+            compressors=_compressors(info.compressor, info.zarr_format),
+            dimension_names=["c", *names] if info.zarr_format == 3 else None,
+            attributes={
+                "voxel_size": list(level.voxel_size),
+                "offset": list(info.roi.offset),
+                "axis_names": ["c^", *names],
+                "units": list(info.units),
+                "types": ["channel", *(["space"] * len(names))],
+            },
+        )
+    method = "mean" if image.dtype.startswith("float") else "rounded mean"
+    levels = [(level.name, level.voxel_size, info.roi.offset) for level in image.levels]
+    name = os.path.basename(image.path)
+    group.attrs.update(
+        ome.multiscales(name, names, info.units, levels, info.zarr_format, method)
     )
-    return OutputInfo(path, roi.copy(), voxel_size, dtype, num_channels)
 
 
-def convert(prediction: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 prediction to the output dtype (uint8 maps [0, 1] to [0, 255])."""
+def _compressors(name: str, zarr_format: int) -> Any:
+    if name == "none":
+        return None
+    if zarr_format == 2:
+        import numcodecs
+
+        if name == "gzip":
+            return numcodecs.GZip(level=5)
+        return numcodecs.Blosc(cname=name, clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    from zarr.codecs import BloscCodec, GzipCodec
+
+    if name == "gzip":
+        return GzipCodec(level=5)
+    return BloscCodec(cname=name, clevel=5, shuffle="shuffle")
+
+
+def convert(
+    prediction: np.ndarray, dtype: str, value_range: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
+    """float32 prediction to the output dtype (uint8 maps ``value_range`` to [0, 255])."""
     if dtype == "uint8":
-        return np.clip(np.rint(prediction * 255.0), 0, 255).astype(np.uint8)
+        lo, hi = value_range
+        scaled = (prediction - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return prediction.astype(dtype, copy=False)
 
 
 class BlockWriter:
-    """Writes ``(channels, *shape)`` predictions into the output at a world ROI."""
+    """Writes a block's ``(channels, *shape)`` prediction at a world ROI.
+
+    One call per block writes every image (channel group) and every pyramid
+    level of it; a level is downsampled from the block's own converted output.
+    """
 
     def __init__(self, info: OutputInfo) -> None:
         self.info = info
-        self._array: zarr.Array | None = None
+        self._arrays: dict[str, zarr.Array] = {}
 
-    @property
-    def array(self) -> zarr.Array:
-        if self._array is None:
-            self._array = zarr.open_array(self.info.path, mode="r+")
-        return self._array
+    def array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = zarr.open_array(path, mode="r+")
+        return self._arrays[path]
 
     def write(self, roi: Roi, prediction: np.ndarray) -> None:
-        self.array[_slices(roi, self.info.roi.offset, self.info.voxel_size)] = convert(
-            prediction, self.info.dtype
-        )
+        info = self.info
+        for image in info.images:
+            lo, hi = image.channels
+            data = convert(prediction[lo:hi], image.dtype, info.range)
+            for level in image.levels:
+                down = downsample(data, level.factor)
+                begin = (roi.offset - info.roi.offset) / level.voxel_size
+                where = tuple(slice(b, b + s) for b, s in zip(begin, down.shape[1:], strict=True))
+                self.array(os.path.join(image.path, level.name))[(slice(None), *where)] = down

@@ -27,6 +27,7 @@ from .config import (
     validate_section,
 )
 from .errors import GeometryError, ModelError
+from .layout import describe_output
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
@@ -59,6 +60,14 @@ class Prepared:
     def output_path(self) -> str:
         return output_path(self.output.container, self.output.dataset)
 
+    def output_info(self) -> OutputInfo:
+        """The output's layout: images, levels, chunks, shards (checked at plan time)."""
+        info = self.input
+        return describe_output(
+            self.plan, self.output, self.num_out_channels, info.axis_names, info.units,
+            info.zarr_format,
+        )
+
     def geometry(self) -> dict[str, Any]:
         """Everything that decides which voxels a block id reads and writes."""
         return {
@@ -68,6 +77,7 @@ class Prepared:
             "dtype": self.output.dtype,
             "num_out_channels": self.num_out_channels,
             "chunks": list(self.plan.write_shape),
+            "layout": _layout_dict(self.output_info()),
         }
 
     def output_nbytes(self) -> int:
@@ -131,6 +141,7 @@ def prepare(
     for warning in plan.warnings:
         logger.warning(warning)
     prepared = Prepared(info, output, plan, int(channels), model_source)
+    prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
 
 
@@ -151,14 +162,33 @@ def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
     """Resume where a ledger of the same geometry exists; never clobber unasked."""
     out = prepared.output
     path = prepared.output_path
-    if out.overwrite or not os.path.exists(path):
+    names = [out.dataset, *(out.datasets or {})]
+    if out.overwrite or not any(os.path.exists(output_path(out.container, n)) for n in names):
         return prepared
     ledger = ledger_path(path)
     if execution.resume and Ledger.exists(ledger):
         Ledger.open(ledger, prepared.geometry())  # raises when the geometry changed
         return replace(prepared, resume=True)
-    check_output(out.container, out.dataset, out.overwrite)
+    for name in names:
+        check_output(out.container, name, out.overwrite)
     return prepared
+
+
+def _layout_dict(info: OutputInfo) -> dict[str, Any]:
+    """What of the output layout decides the bytes a block writes (for the ledger's hash)."""
+    return {
+        "zarr_format": info.zarr_format,
+        "range": list(info.range),
+        "images": [
+            {
+                "path": image.path,
+                "channels": list(image.channels),
+                "dtype": image.dtype,
+                "levels": [[lv.name, list(lv.chunks), list(lv.shards or [])] for lv in image.levels],
+            }
+            for image in info.images
+        ],
+    }
 
 
 def _phase(model: Any) -> Coordinate | None:
@@ -195,13 +225,7 @@ def execute(
 
     out = prepared.output
     plan = prepared.plan
-    info = OutputInfo(
-        prepared.output_path,
-        plan.output_roi,
-        plan.output_voxel_size,
-        out.dtype,
-        prepared.num_out_channels,
-    )
+    info = prepared.output_info()
     job = Job(
         plan=plan,
         input=prepared.input,
@@ -217,18 +241,7 @@ def execute(
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
-            prepare_output(
-                out.container,
-                out.dataset,
-                plan.output_roi,
-                plan.output_voxel_size,
-                plan.write_shape,
-                prepared.num_out_channels,
-                out.dtype,
-                prepared.input.axis_names,
-                prepared.input.units,
-                out.overwrite,
-            )
+            prepare_output(info, out.overwrite)
             ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
         return run(
