@@ -133,9 +133,7 @@ def test_readers_see_every_level_of_an_upsampling_unet(tmp_path, cluster_address
     attrs = zarr.open_group(str(image), mode="r").attrs.asdict()
     version = attrs["multiscales"][0]["version"] if zarr_format == 2 else attrs["ome"]["version"]
     assert version == ("0.4" if zarr_format == 2 else "0.5")
-    axes = (attrs["multiscales"][0] if zarr_format == 2 else attrs["ome"]["multiscales"][0])[
-        "axes"
-    ]
+    axes = (attrs["multiscales"][0] if zarr_format == 2 else attrs["ome"]["multiscales"][0])["axes"]
     assert [a["type"] for a in axes] == ["channel", "space", "space", "space"]
     for k, f in enumerate((1, 2, 4)):
         array = open_ds(str(image / f"s{k}"))
@@ -224,7 +222,9 @@ def test_sharded_run_with_4_workers_writes_one_shard_per_block(tmp_path, cluster
     assert max_abs_diff(got, read_output(reference_dir / "out.zarr" / "pred")) == 0
     array = zarr.open_array(str(sharded / "out.zarr" / "pred" / "s0"))
     assert array.shards == (1, 16, 16, 16) and array.chunks == (1, 8, 8, 4)
-    shard_files = [p for p in (sharded / "out.zarr" / "pred" / "s0" / "c").rglob("*") if p.is_file()]
+    shard_files = [
+        p for p in (sharded / "out.zarr" / "pred" / "s0" / "c").rglob("*") if p.is_file()
+    ]
     assert len(shard_files) == report.blocks_total
 
 
@@ -236,7 +236,10 @@ def write_ome_input(folder: Path, volume: np.ndarray, zarr_format: int) -> None:
     group = zarr.open_group(str(folder / "in.zarr"), mode="w", zarr_format=zarr_format)
     image = group.create_group("raw")
     transforms = [
-        [{"type": "scale", "scale": [2.0 * f] * 3}, {"type": "translation", "translation": [16.0] * 3}]
+        [
+            {"type": "scale", "scale": [2.0 * f] * 3},
+            {"type": "translation", "translation": [16.0] * 3},
+        ]
         for f in (1, 2, 4)
     ]
     write_image(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from funlib.geometry import Coordinate, Roi
 
@@ -141,7 +142,7 @@ def _check_groups(groups: dict[str, tuple[int, int, str]], num_channels: int) ->
             )
         spans.append((lo, hi, name))
     spans.sort()
-    for (_, hi_a, a), (lo_b, _, b) in zip(spans, spans[1:]):
+    for (_, hi_a, a), (lo_b, _, b) in pairwise(spans):
         if lo_b < hi_a:
             raise ConfigError(
                 f"channel groups {a!r} and {b!r} overlap",

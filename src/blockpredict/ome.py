@@ -149,8 +149,10 @@ def _transforms(
     """Scale and translation of one level, composed with the image-wide transforms."""
     n = len(image.get("axes") or [])
     scale, translation = [1.0] * n, [0.0] * n
-    for transforms in (dataset.get("coordinateTransformations", []),
-                       image.get("coordinateTransformations", [])):
+    for transforms in (
+        dataset.get("coordinateTransformations", []),
+        image.get("coordinateTransformations", []),
+    ):
         for t in transforms:
             if t.get("type") == "scale":
                 translation = [o * s for o, s in zip(translation, t["scale"], strict=True)]

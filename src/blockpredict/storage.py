@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 from funlib.geometry import Coordinate, Roi
-from funlib.persistence import open_ds, prepare_ds
+from funlib.persistence import open_ds
 
 from . import ome
 from .config import Scaling
@@ -191,7 +191,8 @@ def prepare_output(info: OutputInfo, overwrite: bool) -> OutputInfo:
                 image.path,
                 "set output.overwrite: true or choose another dataset",
             )
-    if not os.path.exists(os.path.join(container, "zarr.json" if info.zarr_format == 3 else ".zgroup")):
+    root_file = "zarr.json" if info.zarr_format == 3 else ".zgroup"
+    if not os.path.exists(os.path.join(container, root_file)):  # a root group for browsers
         zarr.open_group(container, mode="a", zarr_format=info.zarr_format)  # type: ignore[arg-type]
     for image in info.images:
         if overwrite and os.path.isdir(image.path):
@@ -201,7 +202,8 @@ def prepare_output(info: OutputInfo, overwrite: bool) -> OutputInfo:
 
 
 def _create_image(info: OutputInfo, image: Image) -> None:
-    group = zarr.open_group(image.path, mode="w", zarr_format=info.zarr_format)  # type: ignore[arg-type]
+    fmt = info.zarr_format
+    group = zarr.open_group(image.path, mode="w", zarr_format=fmt)  # type: ignore[arg-type]
     names = list(info.axis_names)
     for level in image.levels:
         group.create_array(

@@ -81,8 +81,12 @@ class Prepared:
         }
 
     def output_nbytes(self) -> int:
-        itemsize = np.dtype(self.output.dtype).itemsize
-        return self.num_out_channels * math.prod(self.plan.output_shape) * itemsize
+        """Bytes of every array written (channel groups and pyramid levels), uncompressed."""
+        return sum(
+            np.dtype(image.dtype).itemsize * math.prod(level.shape)
+            for image in self.output_info().images
+            for level in image.levels
+        )
 
 
 def prepare(
@@ -184,7 +188,10 @@ def _layout_dict(info: OutputInfo) -> dict[str, Any]:
                 "path": image.path,
                 "channels": list(image.channels),
                 "dtype": image.dtype,
-                "levels": [[lv.name, list(lv.chunks), list(lv.shards or [])] for lv in image.levels],
+                "levels": [
+                    [level.name, list(level.chunks), list(level.shards or [])]
+                    for level in image.levels
+                ],
             }
             for image in info.images
         ],
