@@ -311,9 +311,16 @@ def missing_ome_level(p: Project):
     return ["OME-NGFF level 's7' does not exist", "raw/s0, raw/s1, raw/s2"]
 
 
+def ome_image_instead_of_level(p: Project):
+    write_ome_input(p.root, volume_of((40, 40, 40)), 2)
+    p.workflow["input"] = {"container": "in.zarr", "dataset": "raw"}
+    return ["is an OME-NGFF multiscale image, not an array", "raw/s0, raw/s1, raw/s2"]
+
+
 @pytest.mark.parametrize(
     "case",
     [
+        ome_image_instead_of_level,
         misaligned_shard,
         chunk_not_dividing_shard,
         overlapping_groups,
@@ -359,3 +366,18 @@ def test_roi_offset_outside_zero_keeps_translation(tmp_path, cluster_address):
     levels = ome_levels(tmp_path / "out.zarr" / "pred")
     roi = Roi((440, -4, 16), (16 * 40, 32 * 4, 32 * 4))
     assert levels == [([1.0, 40.0, 4.0, 4.0], [0.0, *map(float, roi.offset)], (1, 16, 32, 32))]
+
+
+def test_output_grid_defaults():
+    from blockpredict.plan import output_grid
+
+    write = Coordinate(16, 16, 8)
+    v2 = output_grid(write, None, None, sharded=False)
+    assert v2.chunks == write and v2.shards is None and v2.factors == (Coordinate(1, 1, 1),)
+    v3 = output_grid(write, None, None, sharded=True)
+    assert v3.chunks == write and v3.shards is None  # one chunk per shard: no sharding codec
+    inner = output_grid(write, [8, 8, 4], None, sharded=True, levels=2, factor=[2, 2, 1])
+    assert inner.shards == write and inner.chunks == Coordinate(8, 8, 4)
+    assert inner.factors[-1] == Coordinate(4, 4, 1)
+    v2_small = output_grid(write, [8, 8, 8], None, sharded=False)
+    assert v2_small.chunks == Coordinate(8, 8, 8)  # several chunks per block, none shared

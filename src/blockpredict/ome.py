@@ -101,6 +101,14 @@ def find_level(container: str, dataset: str) -> OmeLevel | None:
     Raises :class:`InputError` when the group is a multiscale image but the
     level does not exist, naming the levels that do.
     """
+    whole = _multiscale(os.path.join(container, dataset))
+    if whole is not None:
+        levels = ", ".join(f"{dataset.rstrip('/')}/{d['path']}" for d in whole["datasets"])
+        raise InputError(
+            f"input dataset {dataset!r} is an OME-NGFF multiscale image, not an array",
+            os.path.join(container, dataset),
+            f"name one of its levels: {levels}",
+        )
     group_name, _, level = dataset.rstrip("/").rpartition("/")
     image = _multiscale(os.path.join(container, group_name)) if level else None
     if image is None:
