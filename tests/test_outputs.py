@@ -349,7 +349,8 @@ def test_plan_prints_the_ome_level_and_the_output_layout(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "s1 of OME-NGFF image raw at voxel size (4, 4, 4) offset (16, 16, 16)" in result.stdout
     assert "zarr v3, OME-NGFF 0.5" in result.stdout
-    assert "pred/s1" in result.stdout and "shards (1, 4, 4, 4)" in result.stdout
+    assert "output array pred/s0" in result.stdout and "shards (1, 4, 4, 4)" in result.stdout
+    assert "output array pred/s1" in result.stdout
     assert not project.output.exists()
 
 

@@ -185,13 +185,8 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
         ),
         ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
         ("output", f"{out.container}/{out.dataset}"),
-        (
-            "output array",
-            f"shape {c((prepared.num_out_channels, *plan.output_shape))} "
-            f"chunks {c((prepared.num_out_channels, *plan.write_shape))} {out.dtype}",
-        ),
-        ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
         *_describe_layout(prepared.output_info()),
+        ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -201,16 +196,24 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
 
 def _describe_layout(info) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
     """One row per written array: OME-NGFF images and their levels."""
-    rows = [("output format", f"zarr v{info.zarr_format}, OME-NGFF "
-             f"{'0.4' if info.zarr_format == 2 else '0.5'}, compressor {info.compressor}")]
+    version = "0.4" if info.zarr_format == 2 else "0.5"
+    rows = [
+        (
+            "output format",
+            f"zarr v{info.zarr_format}, OME-NGFF {version}, compressor {info.compressor}",
+        )
+    ]
     for image in info.images:
+        lo, hi = image.channels
         for level in image.levels:
             shards = f" shards {tuple(level.shards)}" if level.shards else ""
-            rows.append((
-                f"  {os.path.basename(image.path)}/{level.name}",
-                f"channels {list(image.channels)} {image.dtype} shape {tuple(level.shape)} "
-                f"voxel size {tuple(level.voxel_size)} chunks {tuple(level.chunks)}{shards}",
-            ))
+            rows.append(
+                (
+                    f"output array {os.path.basename(image.path)}/{level.name}",
+                    f"shape {tuple(level.shape)} chunks {tuple(level.chunks)}{shards} "
+                    f"{image.dtype}, channels [{lo}, {hi}), voxel size {tuple(level.voxel_size)}",
+                )
+            )
     return rows
 
 
