@@ -188,7 +188,7 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
         *_describe_layout(prepared.output_info()),
         ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
     ]
-    width = max(len(k) for k, _ in rows)
+    width = max(len(k) for k, _ in rows if not k.startswith("output array "))
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
