@@ -110,9 +110,11 @@ def reference(
 
 
 def read_output(path: Path) -> np.ndarray:
+    """The full-resolution array of an output (an OME-NGFF image's ``s0``)."""
     import zarr
 
-    return zarr.open_array(str(path), mode="r")[:]
+    node = zarr.open(str(path), mode="r")
+    return (node["s0"] if isinstance(node, zarr.Group) else node)[:]
 
 
 def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

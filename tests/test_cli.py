@@ -63,7 +63,7 @@ def test_demo(tmp_path):
     assert result.returncode == 0, result.stderr
     out = tmp_path / "demo" / "prediction.zarr" / "affinities"
     assert f"output: {out}" in result.stdout
-    prediction = zarr.open_array(str(out), mode="r")
+    prediction = zarr.open_array(str(out / "s0"), mode="r")
     assert prediction.shape == (3, 112, 176, 176)
     assert prediction.dtype == np.uint8
     assert "18/18 done (18 processed, 0 skipped), 0 failed" in result.stderr
@@ -108,7 +108,7 @@ def test_predict_with_set_and_report(tmp_path):
     assert report["output_roi"] == {"offset": [32, 32, 32], "shape": [128, 128, 128]}
     assert report["output_voxels_per_second"] > 0 and report["wall_seconds"] > 0
     assert report["workers"] == 2
-    assert zarr.open_array(str(tmp_path / "out.zarr" / "other")).dtype == np.float16
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "other" / "s0")).dtype == np.float16
     assert not (tmp_path / "out.zarr" / "pred").exists()
     assert "dashboard: http://127.0.0.1:" in result.stderr
 

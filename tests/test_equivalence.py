@@ -142,7 +142,7 @@ def test_upsampling_unet_halves_the_voxel_size(tmp_path, cluster_address):
     assert plan.output_voxel_size == Coordinate(4, 4, 4)
     import zarr
 
-    attrs = zarr.open_array(str(tmp_path / "out.zarr" / "pred"), mode="r").attrs
+    attrs = zarr.open_array(str(tmp_path / "out.zarr" / "pred" / "s0"), mode="r").attrs
     assert attrs["voxel_size"] == [4, 4, 4]
     assert attrs["offset"] == list(plan.output_roi.offset)
     assert attrs["axis_names"] == ["c^", "z", "y", "x"]
@@ -292,5 +292,5 @@ def test_zarr_v2_input_and_explicit_normalization(tmp_path, cluster_address, nor
     )
     got = read_output(tmp_path / "out.zarr" / "pred")
     assert plan.output_roi == Roi((20, 20, 20), (48, 48, 48))
-    assert zarr.open_array(str(tmp_path / "out.zarr" / "pred")).chunks == (1, 12, 12, 12)
+    assert zarr.open_array(str(tmp_path / "out.zarr" / "pred" / "s0")).chunks == (1, 12, 12, 12)
     assert max_abs_diff(got, expected) <= TOLERANCE

@@ -84,9 +84,7 @@ w = load_workflow(sys.argv[1])
 p = prepare_workflow(w)
 t_plan = time.perf_counter() - t0
 o = w.output
-prepare_output(o.container, o.dataset, p.plan.output_roi, p.plan.output_voxel_size,
-               p.plan.write_shape, p.num_out_channels, o.dtype, p.input.axis_names,
-               p.input.units, True)
+prepare_output(p.output_info(), True)
 ledger = Ledger.create(ledger_path(p.output_path), p.geometry(), p.plan.num_blocks)
 first = next(ledger.pending(morton_order(p.plan.grid_shape)))
 t_start = time.perf_counter() - t0

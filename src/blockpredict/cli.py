@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,6 +173,11 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     nbytes = prepared.output_nbytes()
     rows = [
         ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
+        *(
+            [("input level", f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
+              f"{c(lv.voxel_size)} offset {c(lv.offset)}")]
+            if (lv := prepared.input.ome_level) else []
+        ),
         ("input voxel size", c(plan.input_voxel_size)),
         ("output voxel size", c(plan.output_voxel_size)),
         (
@@ -187,17 +193,36 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
         ),
         ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
         ("output", f"{out.container}/{out.dataset}"),
-        (
-            "output array",
-            f"shape {c((prepared.num_out_channels, *plan.output_shape))} "
-            f"chunks {c((prepared.num_out_channels, *plan.write_shape))} {out.dtype}",
-        ),
+        *_describe_layout(prepared.output_info()),
         ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
     ]
-    width = max(len(k) for k, _ in rows)
+    width = max(len(k) for k, _ in rows if not k.startswith("output array "))
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _describe_layout(info) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    """One row per written array: OME-NGFF images and their levels."""
+    version = "0.4" if info.zarr_format == 2 else "0.5"
+    rows = [
+        (
+            "output format",
+            f"zarr v{info.zarr_format}, OME-NGFF {version}, compressor {info.compressor}",
+        )
+    ]
+    for image in info.images:
+        lo, hi = image.channels
+        for level in image.levels:
+            shards = f" shards {tuple(level.shards)}" if level.shards else ""
+            rows.append(
+                (
+                    f"output array {os.path.basename(image.path)}/{level.name}",
+                    f"shape {tuple(level.shape)} chunks {tuple(level.chunks)}{shards} "
+                    f"{image.dtype}, channels [{lo}, {hi}), voxel size {tuple(level.voxel_size)}",
+                )
+            )
+    return rows
 
 
 def _bench(args: argparse.Namespace) -> int:

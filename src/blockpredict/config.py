@@ -158,13 +158,39 @@ class RoiConfig(Strict):
         return self
 
 
+OutputDtype = Literal["float32", "float16", "uint8"]
+
+
+class ChannelGroup(Strict):
+    """Channels ``[lo, hi)`` of the model's output, written as one array."""
+
+    channels: tuple[NonNegativeInt, NonNegativeInt]
+    dtype: OutputDtype = "float32"
+
+    @model_validator(mode="after")
+    def _order(self) -> ChannelGroup:
+        lo, hi = self.channels
+        if lo >= hi:
+            raise ValueError(f"channels [{lo}, {hi}) is empty: give [lo, hi) with lo < hi")
+        return self
+
+
 class OutputConfig(Strict):
     container: Container
     dataset: str = "predictions"
     roi: RoiConfig | None = None
-    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    dtype: OutputDtype = "float32"
     border: Literal["valid", "pad"] = "valid"
     overwrite: bool = False
+    # storage layout (see README "Output layout"); None means "derive it"
+    zarr_format: Literal[2, 3] | None = None
+    chunk_shape: list[PositiveInt] | None = None
+    shard_shape: list[PositiveInt] | None = None
+    compressor: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
+    multiscale: NonNegativeInt = 0
+    multiscale_factors: list[PositiveInt] | None = None
+    range: tuple[float, float] = (0.0, 1.0)
+    datasets: dict[str, ChannelGroup] | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -172,6 +198,16 @@ class OutputConfig(Strict):
         scheme = str(self.container).split("://", 1)[0].lower() if is_url(self.container) else ""
         if scheme in READ_ONLY_SCHEMES:
             raise ValueError(f"{scheme}:// is read-only; write the output to s3://, gs://, a path")
+        return self
+
+    @model_validator(mode="after")
+    def _layout(self) -> OutputConfig:
+        if self.shard_shape is not None and self.zarr_format == 2:
+            raise ValueError("shard_shape needs zarr_format: 3 (zarr v2 has no shards)")
+        if self.range[0] == self.range[1]:
+            raise ValueError(f"range {list(self.range)} is empty: give [lo, hi] with lo != hi")
+        if self.datasets is not None and not self.datasets:
+            raise ValueError("datasets is empty: name at least one channel group")
         return self
 
 

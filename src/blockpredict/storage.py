@@ -11,14 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from funlib.geometry import Coordinate, Roi
-from funlib.persistence import open_ds, prepare_ds
+from funlib.persistence import open_ds
 
+from . import ome
 from .config import Scaling
 from .errors import InputError, OutputExistsError
+from .layout import Image, OutputInfo
+from .pyramid import downsample
 from .stores import check_container, is_url, join, remove, zarr_store
 from .stores import exists as store_exists
 
@@ -50,6 +54,8 @@ class InputInfo:
     units: tuple[str, ...]
     storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
     cache_bytes: int = 0  # per-worker cache of recently read chunks (URL containers)
+    zarr_format: int = 3
+    ome_level: ome.OmeLevel | None = None  # where the input is a level of an OME-NGFF image
 
 
 def open_input(
@@ -62,8 +68,10 @@ def open_input(
     elif not os.path.exists(container):
         raise InputError("input container not found", str(container), "check input.container")
     path = join(container, dataset)
+    level = None if is_url(container) else ome.find_level(str(container), dataset)
     try:
-        array = open_ds(zarr_store(path, options, read_only=True))
+        store = zarr_store(path, options, read_only=True)
+        array = open_ds(store) if level is None else _open_ome_level(store, level)
     except Exception as e:  # zarr raises several types for a missing array
         raise InputError(
             f"input dataset {dataset!r} not found or unreadable ({type(e).__name__})",
@@ -91,6 +99,24 @@ def open_input(
         axis_names=tuple(spatial),
         units=tuple(array.units),
         storage_options=options,
+        zarr_format=_zarr_format(path, options),
+        ome_level=level,
+    )
+
+
+def _zarr_format(path: str, options: dict) -> int:
+    return int(zarr.open_array(zarr_store(path, options, read_only=True), mode="r").metadata.zarr_format)
+
+
+def _open_ome_level(path: Any, level: ome.OmeLevel) -> Any:
+    """A level of an OME-NGFF image, with the voxel size and offset of its group's metadata."""
+    return open_ds(
+        path,
+        voxel_size=level.voxel_size,
+        offset=level.offset,
+        axis_names=level.axis_names,
+        units=level.units,
+        types=level.types,
     )
 
 
@@ -154,18 +180,6 @@ def _slices(roi: Roi, origin: Coordinate, voxel_size: Coordinate) -> tuple[slice
     return (slice(None), *(slice(b, e) for b, e in zip(begin, end, strict=True)))
 
 
-@dataclass(frozen=True)
-class OutputInfo:
-    """Where and how blocks are written."""
-
-    path: str
-    roi: Roi
-    voxel_size: Coordinate
-    dtype: str
-    num_channels: int
-    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
-
-
 def output_path(container: Path | str, dataset: str) -> str:
     return join(container, dataset)
 
@@ -181,64 +195,114 @@ def check_output(
         )
 
 
-def prepare_output(
-    container: Path,
-    dataset: str,
-    roi: Roi,
-    voxel_size: Coordinate,
-    write_shape: Coordinate,
-    num_channels: int,
-    dtype: str,
-    axis_names: tuple[str, ...],
-    units: tuple[str, ...],
-    overwrite: bool,
-    storage_options: dict | None = None,
-) -> OutputInfo:
-    """Create the output array: channels first, one chunk per block write."""
-    check_output(container, dataset, overwrite, storage_options)
-    path = output_path(container, dataset)
-    if overwrite:
-        remove(path, storage_options)
-    shape = (num_channels, *(roi.shape / voxel_size))
-    prepare_ds(
-        zarr_store(path, storage_options),
-        shape=shape,
-        offset=roi.offset,
-        voxel_size=voxel_size,
-        axis_names=["c^", *axis_names],
-        types=["channel", *(["space"] * voxel_size.dims)],
-        units=list(units),
-        chunk_shape=(num_channels, *write_shape),
-        dtype=np.dtype(dtype),
-        mode="w",
-    )
-    return OutputInfo(
-        path, roi.copy(), voxel_size, dtype, num_channels, dict(storage_options or {})
+def prepare_output(info: OutputInfo, overwrite: bool) -> OutputInfo:
+    """Create every image of the output: its level arrays, then its OME-NGFF metadata.
+
+    Each image is a group ``container/name`` holding ``s0`` (full resolution)
+    and ``s1``.. (pyramid levels); every level array also carries funlib's
+    attributes, so ``open_ds(container/name/s0)`` reads its voxel size.
+    """
+    options = info.storage_options
+    container = os.path.dirname(info.images[0].path) if info.images else info.path
+    for image in info.images:
+        if store_exists(image.path, options) and not overwrite:
+            raise OutputExistsError(
+                "output dataset exists",
+                image.path,
+                "set output.overwrite: true or choose another dataset",
+            )
+    root_file = "zarr.json" if info.zarr_format == 3 else ".zgroup"
+    if not store_exists(join(container, root_file), options):  # a root group for browsers
+        zarr.open_group(zarr_store(container, options), mode="a", zarr_format=info.zarr_format)  # type: ignore[arg-type]
+    for image in info.images:
+        if overwrite:
+            remove(image.path, options)
+        _create_image(info, image)
+    return info
+
+
+def _create_image(info: OutputInfo, image: Image) -> None:
+    fmt = info.zarr_format
+    store = zarr_store(image.path, info.storage_options)
+    group = zarr.open_group(store, mode="w", zarr_format=fmt)  # type: ignore[arg-type]
+    names = list(info.axis_names)
+    for level in image.levels:
+        group.create_array(
+            name=level.name,
+            shape=level.shape,
+            chunks=level.chunks,
+            shards=level.shards,
+            dtype=np.dtype(image.dtype),
+            fill_value=0,
+            compressors=_compressors(info.compressor, info.zarr_format),
+            dimension_names=["c", *names] if info.zarr_format == 3 else None,
+            attributes={
+                "voxel_size": list(level.voxel_size),
+                "offset": list(info.roi.offset),
+                "axis_names": ["c^", *names],
+                "units": list(info.units),
+                "types": ["channel", *(["space"] * len(names))],
+            },
+        )
+    method = "mean" if image.dtype.startswith("float") else "rounded mean"
+    levels = [(level.name, level.voxel_size, info.roi.offset) for level in image.levels]
+    name = os.path.basename(image.path)
+    group.attrs.update(
+        ome.multiscales(name, names, info.units, levels, info.zarr_format, method)
     )
 
 
-def convert(prediction: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 prediction to the output dtype (uint8 maps [0, 1] to [0, 255])."""
+def _compressors(name: str, zarr_format: int) -> Any:
+    if name == "none":
+        return None
+    if zarr_format == 2:
+        import numcodecs
+
+        if name == "gzip":
+            return numcodecs.GZip(level=5)
+        return numcodecs.Blosc(cname=name, clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    from zarr.codecs import BloscCodec, GzipCodec
+
+    if name == "gzip":
+        return GzipCodec(level=5)
+    return BloscCodec(cname=name, clevel=5, shuffle="shuffle")
+
+
+def convert(
+    prediction: np.ndarray, dtype: str, value_range: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
+    """float32 prediction to the output dtype (uint8 maps ``value_range`` to [0, 255])."""
     if dtype == "uint8":
-        return np.clip(np.rint(prediction * 255.0), 0, 255).astype(np.uint8)
+        lo, hi = value_range
+        scaled = (prediction - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return prediction.astype(dtype, copy=False)
 
 
 class BlockWriter:
-    """Writes ``(channels, *shape)`` predictions into the output at a world ROI."""
+    """Writes a block's ``(channels, *shape)`` prediction at a world ROI.
+
+    One call per block writes every image (channel group) and every pyramid
+    level of it; a level is downsampled from the block's own converted output.
+    """
 
     def __init__(self, info: OutputInfo) -> None:
         self.info = info
-        self._array: zarr.Array | None = None
+        self._arrays: dict[str, zarr.Array] = {}
 
-    @property
-    def array(self) -> zarr.Array:
-        if self._array is None:
-            store = zarr_store(self.info.path, self.info.storage_options)
-            self._array = zarr.open_array(store, mode="r+")
-        return self._array
+    def array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            store = zarr_store(path, self.info.storage_options)
+            self._arrays[path] = zarr.open_array(store, mode="r+")
+        return self._arrays[path]
 
     def write(self, roi: Roi, prediction: np.ndarray) -> None:
-        self.array[_slices(roi, self.info.roi.offset, self.info.voxel_size)] = convert(
-            prediction, self.info.dtype
-        )
+        info = self.info
+        for image in info.images:
+            lo, hi = image.channels
+            data = convert(prediction[lo:hi], image.dtype, info.range)
+            for level in image.levels:
+                down = downsample(data, level.factor)
+                begin = (roi.offset - info.roi.offset) / level.voxel_size
+                where = tuple(slice(b, b + s) for b, s in zip(begin, down.shape[1:], strict=True))
+                self.array(join(image.path, level.name))[(slice(None), *where)] = down

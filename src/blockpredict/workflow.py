@@ -27,6 +27,7 @@ from .config import (
     validate_section,
 )
 from .errors import GeometryError, ModelError
+from .layout import describe_output
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
@@ -60,6 +61,14 @@ class Prepared:
     def output_path(self) -> str:
         return output_path(self.output.container, self.output.dataset)
 
+    def output_info(self) -> OutputInfo:
+        """The output's layout: images, levels, chunks, shards (checked at plan time)."""
+        info = self.input
+        return describe_output(
+            self.plan, self.output, self.num_out_channels, info.axis_names, info.units,
+            info.zarr_format,
+        )
+
     def geometry(self) -> dict[str, Any]:
         """Everything that decides which voxels a block id reads and writes."""
         return {
@@ -69,11 +78,16 @@ class Prepared:
             "dtype": self.output.dtype,
             "num_out_channels": self.num_out_channels,
             "chunks": list(self.plan.write_shape),
+            "layout": _layout_dict(self.output_info()),
         }
 
     def output_nbytes(self) -> int:
-        itemsize = np.dtype(self.output.dtype).itemsize
-        return self.num_out_channels * math.prod(self.plan.output_shape) * itemsize
+        """Bytes of every array written (channel groups and pyramid levels), uncompressed."""
+        return sum(
+            np.dtype(image.dtype).itemsize * math.prod(level.shape)
+            for image in self.output_info().images
+            for level in image.levels
+        )
 
 
 def prepare(
@@ -133,6 +147,7 @@ def prepare(
     for warning in plan.warnings:
         logger.warning(warning)
     prepared = Prepared(info, output, plan, int(channels), model_source)
+    prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
 
 
@@ -156,14 +171,36 @@ def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
     options = out.storage_options
     if is_url(out.container):  # a missing bucket or denied credentials: before any block
         check_container(str(out.container), options, "output")
-    if out.overwrite or not exists(path, options):
+    names = [out.dataset, *(out.datasets or {})]
+    if out.overwrite or not any(exists(output_path(out.container, n), options) for n in names):
         return prepared
     ledger = ledger_path(path)
     if execution.resume and Ledger.exists(ledger, options):
         Ledger.open(ledger, prepared.geometry(), options)  # raises when the geometry changed
         return replace(prepared, resume=True)
-    check_output(out.container, out.dataset, out.overwrite, options)
+    for name in names:
+        check_output(out.container, name, out.overwrite, options)
     return prepared
+
+
+def _layout_dict(info: OutputInfo) -> dict[str, Any]:
+    """What of the output layout decides the bytes a block writes (for the ledger's hash)."""
+    return {
+        "zarr_format": info.zarr_format,
+        "range": list(info.range),
+        "images": [
+            {
+                "path": image.path,
+                "channels": list(image.channels),
+                "dtype": image.dtype,
+                "levels": [
+                    [level.name, list(level.chunks), list(level.shards or [])]
+                    for level in image.levels
+                ],
+            }
+            for image in info.images
+        ],
+    }
 
 
 def _phase(model: Any) -> Coordinate | None:
@@ -200,14 +237,7 @@ def execute(
 
     out = prepared.output
     plan = prepared.plan
-    info = OutputInfo(
-        prepared.output_path,
-        plan.output_roi,
-        plan.output_voxel_size,
-        out.dtype,
-        prepared.num_out_channels,
-        out.storage_options,
-    )
+    info = prepared.output_info()
     job = Job(
         plan=plan,
         input=prepared.input,
@@ -223,19 +253,7 @@ def execute(
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
-            prepare_output(
-                out.container,
-                out.dataset,
-                plan.output_roi,
-                plan.output_voxel_size,
-                plan.write_shape,
-                prepared.num_out_channels,
-                out.dtype,
-                prepared.input.axis_names,
-                prepared.input.units,
-                out.overwrite,
-                out.storage_options,
-            )
+            prepare_output(info, out.overwrite)
             ledger = Ledger.create(
                 ledger_path(info.path), prepared.geometry(), plan.num_blocks, out.storage_options
             )
