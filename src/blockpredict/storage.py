@@ -105,7 +105,9 @@ def open_input(
 
 
 def _zarr_format(path: str, options: dict) -> int:
-    return int(zarr.open_array(zarr_store(path, options, read_only=True), mode="r").metadata.zarr_format)
+    return int(
+        zarr.open_array(zarr_store(path, options, read_only=True), mode="r").metadata.zarr_format
+    )
 
 
 def _open_ome_level(path: Any, level: ome.OmeLevel) -> Any:
@@ -247,9 +249,7 @@ def _create_image(info: OutputInfo, image: Image) -> None:
     method = "mean" if image.dtype.startswith("float") else "rounded mean"
     levels = [(level.name, level.voxel_size, info.roi.offset) for level in image.levels]
     name = os.path.basename(image.path)
-    group.attrs.update(
-        ome.multiscales(name, names, info.units, levels, info.zarr_format, method)
-    )
+    group.attrs.update(ome.multiscales(name, names, info.units, levels, info.zarr_format, method))
 
 
 def _compressors(name: str, zarr_format: int) -> Any:
