@@ -138,3 +138,51 @@ def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Mo
         "return a Model, or an nn.Module and declare input_shape, num_in_channels, "
         "num_out_channels",
     )
+
+
+# The seed's Model API: what the engine reads from any model object (a DaCapo Model too).
+MODEL_API = (
+    "input_shape",
+    "eval_input_shape",
+    "num_in_channels",
+    "num_out_channels",
+    "compute_output_shape",
+    "scale",
+    "forward",
+)
+
+
+def check_model_api(model: object) -> None:
+    """Refuse an object without the seed's attributes and methods, naming what it lacks."""
+    missing = [name for name in MODEL_API if not hasattr(model, name)]
+    if missing:
+        raise ModelError(
+            f"{type(model).__name__} lacks {', '.join(missing)}",
+            "predict(model)",
+            "give a blockpredict or DaCapo Model, or an object with the same attributes "
+            f"and methods ({', '.join(MODEL_API)})",
+        )
+
+
+def place(model: Any, device: torch.device | str) -> Any:
+    """The model on ``device`` in eval mode; an object without ``to``/``eval`` is used as is."""
+    to = getattr(model, "to", None)
+    if callable(to):
+        model = to(device) or model
+    evaluate = getattr(model, "eval", None)
+    if callable(evaluate):
+        evaluate()
+    return model if callable(model) else _Callable(model)
+
+
+class _Callable:
+    """Calls ``forward`` of a model object that is not itself callable."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(x)  # type: ignore[no-any-return]

@@ -164,7 +164,14 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     nbytes = prepared.output_nbytes()
     rows = [
         ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
-        ("input voxel size", c(plan.input_voxel_size)),
+        (
+            "input voxel size",
+            f"{c(plan.input_voxel_size)} from {prepared.input.voxel_size_source}",
+        ),
+        (
+            "input offset",
+            f"{c(prepared.input.roi.offset)} from {prepared.input.offset_source}",
+        ),
         ("output voxel size", c(plan.output_voxel_size)),
         (
             "context",
@@ -188,7 +195,8 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    lines += [f"warning: {w}" for w in plan.warnings]
+    warnings = (*prepared.input.warnings, *plan.warnings, *prepared.warnings)
+    lines += [f"warning: {w}" for w in warnings]
     return "\n".join(lines)
 
 

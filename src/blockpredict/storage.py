@@ -8,8 +8,10 @@ through the distributed scheduler as nested tasks.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from funlib.persistence import open_ds, prepare_ds
 
 from .config import Scaling
 from .errors import InputError, OutputExistsError
+from .metadata import spatial_metadata
+
+logger = logging.getLogger(__name__)
 
 INPUT_DTYPES = (
     "uint8",
@@ -47,10 +52,22 @@ class InputInfo:
     has_channel_axis: bool
     axis_names: tuple[str, ...]
     units: tuple[str, ...]
+    voxel_size_source: str = "metadata"
+    offset_source: str = "metadata"
+    warnings: tuple[str, ...] = ()
 
 
-def open_input(container: Path, dataset: str) -> InputInfo:
-    """Read the input's metadata, or raise :class:`InputError`."""
+def open_input(
+    container: Path,
+    dataset: str,
+    voxel_size: Sequence[int] | None = None,
+    offset: Sequence[int] | None = None,
+) -> InputInfo:
+    """Read the input's metadata, or raise :class:`InputError`.
+
+    Voxel size and offset come from ``voxel_size``/``resolution`` and ``offset``
+    attributes, or from ``voxel_size``/``offset`` given here (see metadata.py).
+    """
     if not os.path.exists(container):
         raise InputError("input container not found", str(container), "check input.container")
     path = os.path.join(str(container), dataset)
@@ -73,6 +90,12 @@ def open_input(container: Path, dataset: str) -> InputInfo:
             f"input has {channel_dims} channel axes", path, "give at most one (the first axis)"
         )
     spatial = list(array.axis_names)[channel_dims:]
+    attrs = dict(zarr.open_array(path, mode="r").attrs)
+    meta = spatial_metadata(attrs, len(spatial), path, voxel_size, offset)
+    for warning in meta.warnings:
+        logger.warning(warning)
+    if (meta.voxel_size, meta.offset) != (array.voxel_size, array.roi.offset):
+        array = open_ds(path, voxel_size=meta.voxel_size, offset=meta.offset)
     return InputInfo(
         path=path,
         roi=array.roi,
@@ -82,6 +105,9 @@ def open_input(container: Path, dataset: str) -> InputInfo:
         has_channel_axis=bool(channel_dims),
         axis_names=tuple(spatial),
         units=tuple(array.units),
+        voxel_size_source=meta.voxel_size_source,
+        offset_source=meta.offset_source,
+        warnings=meta.warnings,
     )
 
 

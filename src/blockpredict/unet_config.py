@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -25,6 +32,9 @@ SUPPORTED_TYPES = ("CNNectomeUNetConfig",)
 class UNetConfig(BaseModel):
     """DaCapo's ``CNNectomeUNetConfig`` keys, defaults and meanings.
 
+    DaCapo requires ``fmaps_out``, ``fmaps_in``, ``num_fmaps``,
+    ``fmap_inc_factor`` and ``downsample_factors``; here they default to
+    ``num_fmaps``, 1, 12, 2 and ``[]`` (a DaCapo file always has them).
     ``activation_on_upsample`` and ``upsample_channel_contraction`` are ours:
     left out, they are what DaCapo uses; a funlib.learn.torch ``UNet`` with its
     defaults needs ``false`` for both.
@@ -33,11 +43,11 @@ class UNetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input_shape: list[PositiveInt]
-    fmaps_out: PositiveInt
-    fmaps_in: PositiveInt
-    num_fmaps: PositiveInt
-    fmap_inc_factor: PositiveInt
-    downsample_factors: list[list[PositiveInt]]
+    fmaps_out: PositiveInt | None = None
+    fmaps_in: PositiveInt = 1
+    num_fmaps: PositiveInt = 12
+    fmap_inc_factor: PositiveInt = 2
+    downsample_factors: list[list[PositiveInt]] = Field(default_factory=list)
     kernel_size_down: list[list[list[PositiveInt]]] | None = None
     kernel_size_up: list[list[list[PositiveInt]]] | None = None
     eval_shape_increase: list[NonNegativeInt] | None = None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from .build import build_model
+from .build import build_model, check_model_api, place
 from .config import (
     ClusterConfig,
     ExecutionConfig,
@@ -54,6 +54,7 @@ class Prepared:
     num_out_channels: int
     model: Any  # a ModelConfig for the workers to rebuild, or a Model object
     resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
+    warnings: tuple[str, ...] = ()  # about the model, for plan to print
 
     @property
     def output_path(self) -> str:
@@ -83,7 +84,7 @@ def prepare(
     execution: ExecutionConfig | None = None,
 ) -> Prepared:
     """Open the input, check the model against it and plan the blocks."""
-    info = open_input(input.container, input.dataset)
+    info = open_input(input.container, input.dataset, input.voxel_size, input.offset)
     normalization(info.dtype, input.normalize)
     if info.num_channels != model.num_in_channels:
         raise ModelError(
@@ -130,7 +131,10 @@ def prepare(
     )
     for warning in plan.warnings:
         logger.warning(warning)
-    prepared = Prepared(info, output, plan, int(channels), model_source)
+    warnings = _model_warnings(model)
+    for warning in warnings:
+        logger.warning(warning)
+    prepared = Prepared(info, output, plan, int(channels), model_source, warnings=warnings)
     return _check_existing(prepared, execution or ExecutionConfig())
 
 
@@ -159,6 +163,18 @@ def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
         return replace(prepared, resume=True)
     check_output(out.container, out.dataset, out.overwrite)
     return prepared
+
+
+def _model_warnings(model: Any) -> tuple[str, ...]:
+    """What blockwise prediction cannot promise for this model."""
+    architecture = getattr(model, "architecture", model)
+    if getattr(architecture, "use_attention", False):
+        return (
+            "the U-Net uses attention (use_attention: true), which is not translation-"
+            "equivariant: each block equals the model applied to that block's read ROI, "
+            "not a whole-volume forward pass (block seams may show)",
+        )
+    return ()
 
 
 def _phase(model: Any) -> Coordinate | None:
@@ -269,6 +285,7 @@ def predict(
     )
     cluster_cfg = validate_section(ClusterConfig, cluster or {}, "cluster")
     execution_cfg = validate_section(ExecutionConfig, execution or {}, "execution")
-    model = model.cpu().eval()
+    check_model_api(model)
+    model = place(model, "cpu")
     prepared = prepare(input_cfg, output_cfg, model, model, execution_cfg)
     return execute(prepared, input_cfg, cluster_cfg, execution_cfg, progress)

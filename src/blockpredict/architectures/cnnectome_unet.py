@@ -24,6 +24,7 @@ import torch
 from funlib.geometry import Coordinate
 from torch import nn
 
+from blockpredict.errors import ModelError
 from blockpredict.model import Architecture
 
 Shape = Sequence[int]
@@ -338,7 +339,7 @@ class CNNectomeUNet(Architecture):
     def __init__(
         self,
         input_shape: Shape,
-        fmaps_out: int,
+        fmaps_out: int | None,
         fmaps_in: int,
         num_fmaps: int,
         fmap_inc_factor: int,
@@ -355,6 +356,7 @@ class CNNectomeUNet(Architecture):
         upsample_channel_contraction: bool | Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
+        fmaps_out = num_fmaps if fmaps_out is None else fmaps_out
         self._input_shape = Coordinate(input_shape)
         self._eval_shape_increase = (
             None if eval_shape_increase is None else Coordinate(eval_shape_increase)
@@ -432,6 +434,13 @@ class CNNectomeUNet(Architecture):
         """The input voxel size divided by each upsample factor."""
         voxel_size = Coordinate(input_voxel_size)
         for factor in self.upsample_factors:
+            if any(v % f for v, f in zip(voxel_size, factor, strict=True)):
+                raise ModelError(
+                    f"voxel size {tuple(voxel_size)} is not divisible by "
+                    f"upsample factor {tuple(factor)}",
+                    "model.unet.upsample_factors",
+                    "use upsample factors that divide the input voxel size exactly",
+                )
             voxel_size = voxel_size / Coordinate(factor)
         return voxel_size
 
