@@ -114,7 +114,7 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, Any], where: str) ->
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [
-        f"{k} {_shape(state[k])} in the checkpoint, {_shape(v)} in the model"
+        f"{k} is {_shape(state[k])} in the checkpoint, {_shape(v)} in the model"
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
@@ -123,7 +123,8 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, Any], where: str) ->
             "checkpoint does not match the model"
             + _listed(" missing", missing, expected)
             + _listed(" unexpected", unexpected, state)
-            + (f"; shapes differ: {'; '.join(shapes[:2])}" if shapes else ""),
+            + (f"; shapes differ: {shapes[0]}" if shapes else "")
+            + (f" and {len(shapes) - 1} more" if len(shapes) > 1 else ""),
             where,
             _FIX,
         )
