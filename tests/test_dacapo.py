@@ -356,8 +356,10 @@ def checkpoint_of_another_configuration(p: Project):
     shutil.copy(FIXTURES / "iso3d" / "checkpoints" / "iterations" / "1", p.root / "1")
     p.workflow["model"]["checkpoint"] = "1"
     return [
-        "checkpoint does not match the model; missing keys: architecture.unet.l_conv.0",
+        "checkpoint does not match the model",
         "unexpected keys: architecture.unet.l_conv.2.conv_pass.0.weight (8, 4, 3, 3, 3)",
+        "shapes differ: architecture.unet.r_conv.0.0.conv_pass.0.weight is (3, 6, 3, 3, 3) "
+        "in the checkpoint, (2, 6, 3, 3, 3) in the model",
     ]
 
 

@@ -182,6 +182,8 @@ class _Callable:
         self.model = model
 
     def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not set yet (while unpickling)
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
