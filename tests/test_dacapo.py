@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 import zarr
+from conftest import make_input, read_output, volume_of, write_workflow
 from funlib.geometry import Coordinate, Roi
 from test_bad_input import Project, assert_rejected
 from test_equivalence import run_case
@@ -30,7 +31,6 @@ from blockpredict.cli import describe_plan
 from blockpredict.config import ModelConfig, load_workflow
 from blockpredict.unet_config import read_unet_config
 from blockpredict.workflow import predict_workflow, prepare_workflow
-from conftest import make_input, read_output, volume_of, write_workflow
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dacapo"
 CONFIGS = ["iso3d", "aniso", "twod", "upsample", "transposed", "attention", "batchnorm"]
@@ -213,7 +213,9 @@ def test_duck_typed_model_predicts(tmp_path, cluster_address) -> None:
 
 
 def test_object_without_the_api_is_refused(tmp_path) -> None:
-    with pytest.raises(blockpredict.errors.ModelError, match="Conv3d lacks input_shape, eval_input_shape"):
+    with pytest.raises(
+        blockpredict.errors.ModelError, match="Conv3d lacks input_shape, eval_input_shape"
+    ):
         blockpredict.predict(
             torch.nn.Conv3d(1, 1, 1),
             input={"container": str(tmp_path / "in.zarr"), "dataset": "raw"},
@@ -379,3 +381,15 @@ def test_bad_dacapo_input_is_one_line(tmp_path: Path, case) -> None:
     project = Project(tmp_path)
     phrases = case(project)
     assert_rejected(project.plan(), project, *phrases)
+
+
+def test_json_config_file_equals_yaml(tmp_path: Path) -> None:
+    import json
+
+    raw = yaml.load(
+        (FIXTURES / "aniso" / "architecture.yaml").read_text(), Loader=yaml.UnsafeLoader
+    )
+    (tmp_path / "aniso.json").write_text(json.dumps(raw))  # tuples become lists
+    from_json = read_unet_config(tmp_path / "aniso.json")
+    assert from_json == read_unet_config(FIXTURES / "aniso" / "architecture.yaml")
+    assert from_json.kernel_size_down == [[[1, 3, 3], [1, 3, 3]]] * 2 + [[[3, 3, 3]] * 2]

@@ -71,7 +71,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_keys(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Keys as a Model's ``architecture``/``prediction_head`` name them; ``chain.*`` copies dropped."""
+    """Keys as a Model's ``architecture``/``prediction_head`` name them.
+
+    The duplicate ``chain.*`` copies are dropped where the other names exist.
+    """
     out: dict[str, Any] = {}
     chained: dict[str, Any] = {}
     for key, value in state.items():

@@ -97,7 +97,8 @@ def _coordinate(attrs: Mapping[str, Any], key: str, dims: int, where: str) -> Co
         raise InputError(
             f"metadata {key!r} is {value!r}, not {dims} integers",
             where,
-            f"fix the array's attributes or set input.{'offset' if key == 'offset' else 'voxel_size'}",
+            "fix the array's attributes or set input."
+            + ("offset" if key == "offset" else "voxel_size"),
         )
     return Coordinate(int(v) for v in value)
 

@@ -69,9 +69,7 @@ class UNetConfig(BaseModel):
         data.pop("name", None)
         kind = data.pop("__type__", None)
         if kind is not None and kind not in SUPPORTED_TYPES:
-            raise ValueError(
-                f"unknown __type__ {kind!r}; supported: {', '.join(SUPPORTED_TYPES)}"
-            )
+            raise ValueError(f"unknown __type__ {kind!r}; supported: {', '.join(SUPPORTED_TYPES)}")
         if "_eval_shape_increase" in data:
             if "eval_shape_increase" in data:
                 raise ValueError("give eval_shape_increase or _eval_shape_increase, not both")
@@ -114,13 +112,15 @@ def read_unet_config(path: Path) -> UNetConfig:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(
-            "architecture config file not found", where, "check model.unet (a path is relative "
-            "to the workflow file)"
+            "architecture config file not found",
+            where,
+            "check model.unet (a path is relative to the workflow file)",
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
-            f"cannot read architecture config file ({type(e).__name__})", where,
-            "give a readable YAML or JSON file"
+            f"cannot read architecture config file ({type(e).__name__})",
+            where,
+            "give a readable YAML or JSON file",
         ) from None
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.load(text, _DaCapoLoader)

@@ -50,7 +50,9 @@ class ConvPass(nn.Module):
         for kernel_size in kernel_sizes:
             self.dims = len(kernel_size)
             pad: Any = tuple(k // 2 for k in kernel_size) if padding == "same" else 0
-            layers.append(_CONV[self.dims](in_channels, out_channels, tuple(kernel_size), padding=pad))
+            layers.append(
+                _CONV[self.dims](in_channels, out_channels, tuple(kernel_size), padding=pad)
+            )
             if batch_norm:
                 layers.append(_NORM[self.dims](out_channels))
             in_channels = out_channels
@@ -128,7 +130,8 @@ class Upsample(nn.Module):
         spatial_shape = tuple(x.size()[-self.dims :])
         conv_crop = tuple(sum(ks[d] - 1 for ks in kernel_sizes) for d in range(self.dims))
         ns = (
-            math.floor((s - c) / f) for s, c, f in zip(spatial_shape, conv_crop, factor, strict=True)
+            math.floor((s - c) / f)
+            for s, c, f in zip(spatial_shape, conv_crop, factor, strict=True)
         )
         target = tuple(n * f + c for n, c, f in zip(ns, conv_crop, factor, strict=True))
         if target != spatial_shape:
@@ -238,7 +241,11 @@ class CNNectomeUNetModule(nn.Module):
         crop_factors: list[list[int]] = []
         product: list[int] | None = None
         for factor in factors[::-1]:
-            product = list(factor) if product is None else [f * p for f, p in zip(factor, product)]
+            product = (
+                list(factor)
+                if product is None
+                else [f * p for f, p in zip(factor, product, strict=True)]
+            )
             crop_factors.append(product)
         crop_factors = crop_factors[::-1]
 
@@ -287,7 +294,8 @@ class CNNectomeUNetModule(nn.Module):
                         AttentionBlockModule(
                             F_g=fmaps(level + 1),
                             F_l=fmaps(level),
-                            F_int=up_fmaps(level) if num_fmaps_out is None or level != 0
+                            F_int=up_fmaps(level)
+                            if num_fmaps_out is None or level != 0
                             else num_fmaps_out,
                             dims=self.dims,
                             upsample_factor=factors[level],
