@@ -300,18 +300,23 @@ def checkpoint_size_mismatch(p: Project):
     # same layers, 3 instead of 2 feature maps: every key exists, shapes differ
     save_checkpoint(p.root / "wide.pt", dict(UNET, num_fmaps=3))
     p.workflow["model"]["checkpoint"] = "wide.pt"
-    return [], ["checkpoint does not match the model", "size mismatch for", "wide.pt"]
+    return [], [
+        "checkpoint does not match the model",
+        "shapes differ: architecture.unet.l_conv.0.conv_pass.0.weight is (3, 1, 3, 3, 3)",
+        "wide.pt",
+    ]
 
 
 def checkpoint_other_keys(p: Project):
-    # the bare architecture's state_dict: no head, keys without a prefix
+    # the bare architecture's state_dict (unet.* keys load), but no head and a stray key
     model = build_model(ModelConfig.model_validate({"unet": UNET, "head": HEAD}))
-    torch.save(model.architecture.state_dict(), p.root / "body.pt")
+    state = {**model.architecture.state_dict(), "down.0.0.weight": torch.zeros(2)}
+    torch.save(state, p.root / "body.pt")
     p.workflow["model"]["checkpoint"] = "body.pt"
     return [], [
         "checkpoint does not match the model",
-        "missing keys: architecture.down.0.0.weight",
-        "unexpected keys: down.0.0.weight",
+        "missing keys: prediction_head.weight (1, 2, 1, 1, 1)",
+        "unexpected keys: down.0.0.weight (2,)",
     ]
 
 

@@ -15,7 +15,7 @@ from conftest import make_input, max_abs_diff, read_output, reference, volume_of
 from funlib.geometry import Coordinate, Roi
 
 import blockpredict
-from blockpredict.architectures import UNet
+from blockpredict.architectures import CNNectomeUNet, UNet
 from blockpredict.build import build_model
 from blockpredict.config import load_workflow
 from blockpredict.workflow import predict_workflow, prepare_workflow
@@ -104,8 +104,9 @@ def test_3d_anisotropic_with_checkpoint_and_offset(tmp_path, cluster_address):
     }
     model = {"unet": unet, "head": {"out_channels": 1}, "eval_activation": "sigmoid"}
     torch.manual_seed(123)  # weights unlike the default seed: the checkpoint must be used
-    trained = UNet(
+    trained = CNNectomeUNet(
         input_shape=Coordinate(12, 28, 28),
+        fmaps_out=3,
         fmaps_in=1,
         num_fmaps=3,
         fmap_inc_factor=2,

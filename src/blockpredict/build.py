@@ -8,13 +8,13 @@ module graph.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
-from pathlib import Path
+import sys
 from typing import Any
 
 import torch
 
-from .architectures import UNet, WrappedArchitecture, load_exported, load_torchscript
+from .architectures import CNNectomeUNet, WrappedArchitecture, load_exported, load_torchscript
+from .checkpoint import head_shape, load_strict, read_checkpoint
 from .config import ModelConfig
 from .errors import ModelError
 from .model import Model
@@ -31,6 +31,7 @@ ACTIVATIONS = {
 def build_model(config: ModelConfig) -> Model:
     """The eval-mode model described by ``config`` (on the CPU), checkpoint loaded."""
     activation = ACTIVATIONS[config.eval_activation]() if config.eval_activation else None
+    state = read_checkpoint(config.checkpoint) if config.checkpoint is not None else None
     # a fixed seed: the client and every worker build identical initial weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(WEIGHT_SEED)
@@ -39,7 +40,7 @@ def build_model(config: ModelConfig) -> Model:
                 model = _from_factory(config, activation)
             else:
                 architecture = _architecture(config)
-                head = _head(config, architecture)
+                head = _head(config, architecture, state)
                 model = Model(architecture, head, eval_activation=activation)
         except RuntimeError as e:  # the dummy forward of Model() on a zero input
             raise ModelError(
@@ -47,14 +48,15 @@ def build_model(config: ModelConfig) -> Model:
                 "model.factory" if config.factory else "model",
                 "check input_shape, num_in_channels and the model",
             ) from None
-    if config.checkpoint is not None:
-        load_checkpoint(model, config.checkpoint)
+    if state is not None:
+        load_strict(model, state, str(config.checkpoint))
     return model.eval()
 
 
 def _architecture(config: ModelConfig) -> torch.nn.Module:
     if config.unet is not None:
-        return UNet(**config.unet.model_dump())  # the config's keys are UNet's parameters
+        # the config's keys are CNNectomeUNet's parameters
+        return CNNectomeUNet(**config.unet.model_dump())
     if config.torchscript is not None:
         module = load_torchscript(config.torchscript)
     else:
@@ -76,22 +78,43 @@ def _wrap(module: torch.nn.Module, config: ModelConfig) -> WrappedArchitecture:
     )
 
 
-def _head(config: ModelConfig, architecture: torch.nn.Module) -> torch.nn.Module:
-    if config.head is None:
+def _head(
+    config: ModelConfig, architecture: torch.nn.Module, state: dict[str, Any] | None
+) -> torch.nn.Module:
+    """The head's convolution; channels (and kernel) from the checkpoint when not given."""
+    if config.head is None and config.unet is None:
         return torch.nn.Identity()
+    out_channels = config.head.out_channels if config.head else None
+    kernel: int | tuple[int, ...] = config.head.kernel_size if config.head else 1
+    if out_channels is None:
+        if state is None:
+            raise ModelError(
+                "head.out_channels is not set and there is no checkpoint",
+                "model.head",
+                "give head.out_channels, or a checkpoint holding prediction_head.weight",
+            )
+        out_channels, shape = head_shape(state, str(config.checkpoint))
+        kernel = shape if config.head is None else kernel
     conv = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[architecture.dims]
-    return conv(architecture.num_out_channels, config.head.out_channels, config.head.kernel_size)
+    return conv(architecture.num_out_channels, out_channels, kernel)
 
 
 def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Model:
     """``module:function`` returning a Model (used as is) or an nn.Module (wrapped)."""
     name = config.factory or ""
     module_name, _, function_name = name.partition(":")
+    for folder in reversed(config.python_path):  # the workflow's folder, on every worker too
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError, ValueError) as e:
+        where = ", ".join(str(p) for p in config.python_path) or "sys.path"
         raise ModelError(
-            f"cannot import factory {name!r}: {e}", "model.factory", "write module:function"
+            f"cannot import factory {name!r}: {e}",
+            f"model.factory, searched {where} and sys.path",
+            "write module:function with module.py beside the workflow (or in a folder listed "
+            "in model.python_path); batch workers must see that folder too",
         ) from None
     try:
         built = function(**config.kwargs)
@@ -116,66 +139,51 @@ def _from_factory(config: ModelConfig, activation: torch.nn.Module | None) -> Mo
     )
 
 
-def load_checkpoint(model: Model, path: Path) -> None:
-    """Load a state_dict (or a DaCapo checkpoint holding one under ``model``)."""
-    if not Path(path).exists():
-        raise ModelError("checkpoint not found", str(path), "check model.checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+# The seed's Model API: what the engine reads from any model object (a DaCapo Model too).
+MODEL_API = (
+    "input_shape",
+    "eval_input_shape",
+    "num_in_channels",
+    "num_out_channels",
+    "compute_output_shape",
+    "scale",
+    "forward",
+)
+
+
+def check_model_api(model: object) -> None:
+    """Refuse an object without the seed's attributes and methods, naming what it lacks."""
+    missing = [name for name in MODEL_API if not hasattr(model, name)]
+    if missing:
         raise ModelError(
-            f"cannot load checkpoint ({type(e).__name__})",
-            str(path),
-            "give a state_dict saved with torch.save(model.state_dict(), path)",
-        ) from None
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise ModelError("checkpoint is not a state_dict", str(path), "save model.state_dict()")
-    state = _chain_keys(state)
-    try:
-        result = model.chain.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ModelError(
-            f"checkpoint does not match the model: {detail}",
-            str(path),
-            "use the checkpoint of this architecture and head",
-        ) from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelError(
-            "checkpoint does not match the model"
-            + _keys(" missing", result.missing_keys)
-            + _keys(" unexpected", result.unexpected_keys),
-            str(path),
-            "use the checkpoint of this architecture and head",
+            f"{type(model).__name__} lacks {', '.join(missing)}",
+            "predict(model)",
+            "give a blockpredict or DaCapo Model, or an object with the same attributes "
+            f"and methods ({', '.join(MODEL_API)})",
         )
 
 
-def _chain_keys(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Map ``architecture.*``/``prediction_head.*``/``chain.*`` keys onto ``chain``."""
-    out: dict[str, Any] = {}
-    for key, value in state.items():
-        for prefix, new in (("architecture.", "0."), ("prediction_head.", "1."), ("chain.", "")):
-            if key.startswith(prefix):
-                out.setdefault(new + key.removeprefix(prefix), value)
-                break
-        else:
-            out.setdefault(key, value)
-    return out
+def place(model: Any, device: torch.device | str) -> Any:
+    """The model on ``device`` in eval mode; an object without ``to``/``eval`` is used as is."""
+    to = getattr(model, "to", None)
+    if callable(to):
+        model = to(device) or model
+    evaluate = getattr(model, "eval", None)
+    if callable(evaluate):
+        evaluate()
+    return model if callable(model) else _Callable(model)
 
 
-def _keys(label: str, keys: list[str]) -> str:
-    if not keys:
-        return ""
-    shown = ", ".join(_unchain(k) for k in keys[:3])
-    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-    return f";{label} keys: {shown}{more}"
+class _Callable:
+    """Calls ``forward`` of a model object that is not itself callable."""
 
+    def __init__(self, model: Any) -> None:
+        self.model = model
 
-def _unchain(key: str) -> str:
-    if key.startswith("0."):
-        return "architecture." + key[2:]
-    if key.startswith("1."):
-        return "prediction_head." + key[2:]
-    return key
+    def __getattr__(self, name: str) -> Any:
+        if name == "model":  # not set yet (while unpickling)
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(x)  # type: ignore[no-any-return]

@@ -178,7 +178,14 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
               f"{c(lv.voxel_size)} offset {c(lv.offset)}")]
             if (lv := prepared.input.ome_level) else []
         ),
-        ("input voxel size", c(plan.input_voxel_size)),
+        (
+            "input voxel size",
+            f"{c(plan.input_voxel_size)} from {prepared.input.voxel_size_source}",
+        ),
+        (
+            "input offset",
+            f"{c(prepared.input.roi.offset)} from {prepared.input.offset_source}",
+        ),
         ("output voxel size", c(plan.output_voxel_size)),
         (
             "context",
@@ -198,7 +205,8 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     ]
     width = max(len(k) for k, _ in rows if not k.startswith("output array "))
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    lines += [f"warning: {w}" for w in plan.warnings]
+    warnings = (*prepared.input.warnings, *plan.warnings, *prepared.warnings)
+    lines += [f"warning: {w}" for w in warnings]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .stores import READ_ONLY_SCHEMES, check_url, is_url, local_path
+from .unet_config import UNetConfig, read_unet_config
 
 
 class Strict(BaseModel):
@@ -65,25 +66,12 @@ class InputConfig(Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     chunk_cache_mib: NonNegativeInt = 256  # per worker, for URL containers; 0: no cache
     normalize: Literal["auto", "none"] | Scaling = "auto"
-
-
-class UNetConfig(Strict):
-    input_shape: list[PositiveInt]
-    eval_shape_increase: list[NonNegativeInt] | None = None
-    fmaps_in: PositiveInt = 1
-    num_fmaps: PositiveInt = 12
-    fmaps_out: PositiveInt | None = None
-    fmap_inc_factor: PositiveInt = 2
-    downsample_factors: list[list[int]] = Field(default_factory=list)
-    kernel_size_down: list[list[list[int]]] | None = None
-    kernel_size_up: list[list[list[int]]] | None = None
-    upsample_factors: list[list[int]] | None = None
-    padding: Literal["valid", "same"] = "valid"
-    batch_norm: bool = False
+    voxel_size: list[PositiveInt] | None = None  # overrides the input's metadata
+    offset: list[int] | None = None  # world units; overrides the input's metadata
 
 
 class HeadConfig(Strict):
-    out_channels: PositiveInt
+    out_channels: PositiveInt | None = None  # None: from the checkpoint's prediction_head.weight
     kernel_size: PositiveInt = 1
 
 
@@ -95,6 +83,7 @@ class ModelConfig(Strict):
     torchscript: Path | None = None
     exported: Path | None = None
     factory: str | None = None
+    python_path: list[Path] = Field(default_factory=list)  # importable on client and workers
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = None
     input_shape: list[PositiveInt] | None = None
@@ -112,8 +101,11 @@ class ModelConfig(Strict):
                 "give exactly one of unet, torchscript, exported, factory"
                 + (f" (got {', '.join(sources)})" if sources else "")
             )
-        if self.unet is not None and self.head is None:
-            raise ValueError("unet needs a head: {out_channels, kernel_size}")
+        if self.unet is not None and self.head is None and self.checkpoint is None:
+            raise ValueError(
+                "unet needs a head: {out_channels, kernel_size} (or a checkpoint holding "
+                "prediction_head.weight)"
+            )
         if self.head is not None and self.unet is None:
             raise ValueError("head is only for unet; build the head into the model file")
         declared = (
@@ -280,7 +272,12 @@ class Workflow(Strict):
 
         model = self.model.model_copy(
             update={
-                k: fix(getattr(self.model, k)) for k in ("torchscript", "exported", "checkpoint")
+                **{
+                    k: fix(getattr(self.model, k))
+                    for k in ("torchscript", "exported", "checkpoint")
+                },
+                # a factory module beside the workflow imports on the client and the workers
+                "python_path": [fix(p) for p in self.model.python_path] + [base.resolve()],
             }
         )
         return self.model_copy(
@@ -309,7 +306,7 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
         raise ConfigError("workflow must be a mapping", where, "see workflows/example.yaml")
     for item in overrides or []:
         apply_override(raw, item)
-    workflow = validate_workflow(raw, where)
+    workflow = validate_workflow(raw, where, path.resolve().parent)
     return workflow.resolved(path.resolve().parent)
 
 
@@ -327,8 +324,18 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def validate_workflow(raw: dict[str, Any], where: str = "workflow") -> Workflow:
-    """Validate a raw mapping; the first problem becomes one clear :class:`ConfigError`."""
+def validate_workflow(
+    raw: dict[str, Any], where: str = "workflow", base: Path | None = None
+) -> Workflow:
+    """Validate a raw mapping; the first problem becomes one clear :class:`ConfigError`.
+
+    A ``model.unet`` that is a path (relative to ``base``) is read here.
+    """
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("unet"), (str, Path)):
+        file = Path(model["unet"])
+        file = file if file.is_absolute() else (base or Path.cwd()) / file
+        raw = {**raw, "model": {**model, "unet": read_unet_config(file)}}
     try:
         return Workflow.model_validate(raw)
     except ValidationError as e:

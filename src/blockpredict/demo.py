@@ -1,8 +1,9 @@
 """``blockpredict demo``: a synthetic EM-like volume, a small U-Net, one run.
 
 Everything is made here (no downloads): cells as Voronoi regions with dark
-membrane-like boundaries, a valid-padding U-Net with fixed-seed weights saved
-as a checkpoint, and a workflow file that the user can edit and rerun.
+membrane-like boundaries, DaCapo's CNNectomeUNet (valid padding) with
+fixed-seed weights saved as a checkpoint, and a workflow file that the user
+can edit and rerun.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from .workflow import predict_workflow
 SHAPE = (128, 192, 192)
 VOXEL_SIZE = (8, 8, 8)
 
+# DaCapo's CNNectomeUNetConfig keys (constant_upsample: true, its default)
 UNET = {
     "input_shape": [76, 76, 76],
     "fmaps_in": 1,
     "num_fmaps": 8,
+    "fmaps_out": 8,
     "fmap_inc_factor": 3,
     "downsample_factors": [[2, 2, 2]],
 }

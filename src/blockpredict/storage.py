@@ -8,8 +8,10 @@ through the distributed scheduler as nested tasks.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,12 @@ from . import ome
 from .config import Scaling
 from .errors import InputError, OutputExistsError
 from .layout import Image, OutputInfo
+from .metadata import spatial_metadata
 from .pyramid import downsample
 from .stores import check_container, is_url, join, remove, zarr_store
 from .stores import exists as store_exists
+
+logger = logging.getLogger(__name__)
 
 INPUT_DTYPES = (
     "uint8",
@@ -57,11 +62,24 @@ class InputInfo:
     zarr_format: int = 3
     ome_level: ome.OmeLevel | None = None  # where the input is a level of an OME-NGFF image
 
+    voxel_size_source: str = "metadata"
+    offset_source: str = "metadata"
+    warnings: tuple[str, ...] = ()
+
 
 def open_input(
-    container: Path | str, dataset: str, storage_options: dict | None = None
+    container: Path | str,
+    dataset: str,
+    voxel_size: Sequence[int] | None = None,
+    offset: Sequence[int] | None = None,
+    storage_options: dict | None = None,
 ) -> InputInfo:
-    """Read the input's metadata, or raise :class:`InputError`."""
+    """Read the input's metadata, or raise :class:`InputError`.
+
+    Voxel size and offset come from an OME-NGFF level's transforms, from
+    ``voxel_size``/``resolution`` and ``offset`` attributes, or from
+    ``voxel_size``/``offset`` given here (see metadata.py).
+    """
     options = dict(storage_options or {})
     if is_url(container):
         check_container(str(container), options, "input")
@@ -89,6 +107,19 @@ def open_input(
             f"input has {channel_dims} channel axes", path, "give at most one (the first axis)"
         )
     spatial = list(array.axis_names)[channel_dims:]
+    if level is None:
+        attrs = dict(zarr.open_array(store, mode="r").attrs)
+    else:  # the level's transforms stand for the array's own attributes
+        attrs = {"voxel_size": list(level.voxel_size), "offset": list(level.offset)}
+    meta = spatial_metadata(attrs, len(spatial), path, voxel_size, offset)
+    for warning in meta.warnings:
+        logger.warning(warning)
+    if (meta.voxel_size, meta.offset) != (array.voxel_size, array.roi.offset):
+        if level is None:
+            array = open_ds(store, voxel_size=meta.voxel_size, offset=meta.offset)
+        else:
+            level = replace(level, voxel_size=meta.voxel_size, offset=meta.offset)
+            array = _open_ome_level(store, level)
     return InputInfo(
         path=path,
         roi=array.roi,
@@ -101,6 +132,9 @@ def open_input(
         storage_options=options,
         zarr_format=_zarr_format(path, options),
         ome_level=level,
+        voxel_size_source=meta.voxel_size_source,
+        offset_source=meta.offset_source,
+        warnings=meta.warnings,
     )
 
 

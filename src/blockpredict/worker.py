@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from distributed import WorkerPlugin, get_worker
 
-from .build import build_model
+from .build import build_model, place
 from .config import ModelConfig, Scaling
 from .plan import BlockPlan
 from .storage import BlockReader, BlockWriter, InputInfo, OutputInfo
@@ -95,7 +95,7 @@ class ModelPlugin(WorkerPlugin):
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, job.threads))
         model = build_model(job.model) if isinstance(job.model, ModelConfig) else job.model
-        self.model = model.to(self.device).eval()
+        self.model = place(model, self.device)
         self.model_dims = len(model.eval_input_shape)
         self.reader = BlockReader(job.input, job.normalize)
         self.writer = BlockWriter(job.output)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from .build import build_model
+from .build import build_model, check_model_api, place
 from .config import (
     ClusterConfig,
     ExecutionConfig,
@@ -56,6 +56,7 @@ class Prepared:
     num_out_channels: int
     model: Any  # a ModelConfig for the workers to rebuild, or a Model object
     resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
+    warnings: tuple[str, ...] = ()  # about the model, for plan to print
 
     @property
     def output_path(self) -> str:
@@ -98,7 +99,9 @@ def prepare(
     execution: ExecutionConfig | None = None,
 ) -> Prepared:
     """Open the input, check the model against it and plan the blocks."""
-    info = open_input(input.container, input.dataset, input.storage_options)
+    info = open_input(
+        input.container, input.dataset, input.voxel_size, input.offset, input.storage_options
+    )
     info = replace(info, cache_bytes=input.chunk_cache_mib << 20)
     normalization(info.dtype, input.normalize)
     if info.num_channels != model.num_in_channels:
@@ -146,7 +149,10 @@ def prepare(
     )
     for warning in plan.warnings:
         logger.warning(warning)
-    prepared = Prepared(info, output, plan, int(channels), model_source)
+    warnings = _model_warnings(model)
+    for warning in warnings:
+        logger.warning(warning)
+    prepared = Prepared(info, output, plan, int(channels), model_source, warnings=warnings)
     prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
 
@@ -201,6 +207,18 @@ def _layout_dict(info: OutputInfo) -> dict[str, Any]:
             for image in info.images
         ],
     }
+
+
+def _model_warnings(model: Any) -> tuple[str, ...]:
+    """What blockwise prediction cannot promise for this model."""
+    architecture = getattr(model, "architecture", model)
+    if getattr(architecture, "use_attention", False):
+        return (
+            "the U-Net uses attention (use_attention: true), which is not translation-"
+            "equivariant: each block equals the model applied to that block's read ROI, "
+            "not a whole-volume forward pass (block seams may show)",
+        )
+    return ()
 
 
 def _phase(model: Any) -> Coordinate | None:
@@ -298,6 +316,7 @@ def predict(
     )
     cluster_cfg = validate_section(ClusterConfig, cluster or {}, "cluster")
     execution_cfg = validate_section(ExecutionConfig, execution or {}, "execution")
-    model = model.cpu().eval()
+    check_model_api(model)
+    model = place(model, "cpu")
     prepared = prepare(input_cfg, output_cfg, model, model, execution_cfg)
     return execute(prepared, input_cfg, cluster_cfg, execution_cfg, progress)

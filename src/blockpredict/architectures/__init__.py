@@ -1,5 +1,6 @@
-"""Ready-made architectures: a U-Net and a wrapper for any ``torch.nn.Module``."""
+"""Ready-made architectures: DaCapo's CNNectomeUNet, our earlier U-Net, and a wrapper."""
 
+from blockpredict.architectures.cnnectome_unet import CNNectomeUNet
 from blockpredict.architectures.unet import UNet
 from blockpredict.architectures.wrapped import (
     WrappedArchitecture,
@@ -7,4 +8,4 @@ from blockpredict.architectures.wrapped import (
     load_torchscript,
 )
 
-__all__ = ["UNet", "WrappedArchitecture", "load_exported", "load_torchscript"]
+__all__ = ["CNNectomeUNet", "UNet", "WrappedArchitecture", "load_exported", "load_torchscript"]
