@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     _workflow_args(predict)
     predict.add_argument("--report", type=Path, help="write a JSON run report here")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    predict.add_argument(
+        "--progress-interval",
+        type=float,
+        metavar="SECONDS",
+        help="without a terminal, print a progress line this often (default 60)",
+    )
     predict.set_defaults(func=_predict)
 
     plan = sub.add_parser("plan", help="print the block plan without running anything")
@@ -94,7 +100,10 @@ def _predict(args: argparse.Namespace) -> int:
     from .config import load_workflow
     from .workflow import predict_workflow
 
-    workflow = load_workflow(args.workflow, args.overrides)
+    overrides = list(args.overrides)
+    if args.progress_interval is not None:
+        overrides.append(f"execution.progress_interval={args.progress_interval}")
+    workflow = load_workflow(args.workflow, overrides)
     report = predict_workflow(workflow, progress=not args.no_progress)
     if args.report:
         report.write(args.report)
@@ -130,6 +139,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .config import load_workflow
     from .errors import InputError
+    from .events import events_path, replay
     from .ledger import Ledger, ledger_path
     from .storage import output_path
 
@@ -140,6 +150,8 @@ def _status(args: argparse.Namespace) -> int:
             "no ledger: this workflow has not started", path, "run blockpredict predict"
         )
     ledger = Ledger.open(path)
+    out = output_path(workflow.output.container, workflow.output.dataset)
+    replay(ledger, events_path(out))  # the log is current while a run goes on
     counts = ledger.counts()
     total = sum(counts.values())
     print(f"ledger: {path}")

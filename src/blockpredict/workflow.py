@@ -27,6 +27,8 @@ from .config import (
     validate_section,
 )
 from .errors import GeometryError, ModelError
+from .events import events_path, replay
+from .events import reset as reset_events
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
 from .report import RunReport
@@ -215,6 +217,7 @@ def execute(
         logger.info("dashboard: %s", client.dashboard_link)
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
+            replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
             prepare_output(
@@ -230,6 +233,7 @@ def execute(
                 out.overwrite,
             )
             ledger = Ledger.create(ledger_path(info.path), prepared.geometry(), plan.num_blocks)
+            reset_events(events_path(info.path))
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
         return run(
             client,
