@@ -43,7 +43,8 @@ def lookup(address: str | None = None) -> LiveState | None:
 class LiveState(RunObserver):
     """Block states, throughput over time, phase times and failures of one run."""
 
-    def __init__(self, history: int = 3600) -> None:
+    def __init__(self, output_path: str = "", history: int = 3600) -> None:
+        self.output_path = output_path
         self.lock = threading.Lock()
         self.plan: Any = None
         self.states: np.ndarray | None = None  # the ledger's own array (not a copy)

@@ -273,7 +273,7 @@ def watchers(
     client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, progress: bool
 ) -> Observers:
     """Who hears of each result: the event log, the dashboard's live state, progress."""
-    live = LiveState()
+    live = LiveState(job.output.path)
     publish(client.scheduler.address, live)
     observers: list[RunObserver] = [EventLog(events_path(job.output.path)), live]
     if progress:

@@ -193,6 +193,7 @@ def execute(
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
+    from .dashboard import install, page_url
     from .runner import run
 
     out = prepared.output
@@ -213,8 +214,14 @@ def execute(
         device=cluster.device,
         threads=torch_threads(cluster),
     )
-    with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
+    install()  # our page, in the dashboard of the scheduler that connect() starts
+    with (
+        connect(cluster) as client,  # before writing: an unreachable cluster writes nothing
+        page_url(client, own_scheduler=cluster.type != "address") as page,
+    ):
         logger.info("dashboard: %s", client.dashboard_link)
+        if page:
+            logger.info("blockpredict page: %s", page)
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
             replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
