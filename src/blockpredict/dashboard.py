@@ -12,7 +12,8 @@ before a scheduler builds its Bokeh server: the ``applications`` dict (path ->
 document function) and the memoized ``template_variables(scheduler)["pages"]``
 (the navigation bar). blockpredict starts the scheduler of local and batch
 clusters in its own process, so both take effect there. Tested with
-distributed 2025.1 - 2026.8 (see pyproject.toml). With ``type: address`` the
+distributed 2026.8.0 in Chromium (tests/test_dashboard.py); pyproject.toml caps
+distributed below the next release. With ``type: address`` the
 scheduler is someone else's: :func:`serve` serves the same page from the
 blockpredict process on a port of its own.
 """
@@ -76,6 +77,7 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     """Figures and their periodic update, reading ``state()`` at each refresh."""
     from bokeh.layouts import column, row
     from bokeh.models import (
+        AdaptiveTicker,
         CheckboxGroup,
         ColumnDataSource,
         DataTable,
@@ -94,12 +96,15 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     block_map = figure(
         title="block map", width=520, height=520, x_range=Range1d(0, 1), y_range=Range1d(1, 0),
         tools="pan,wheel_zoom,reset", toolbar_location="above", name="block_map",
+        css_classes=["blockpredict-block-map"],
     )
     mapper = LinearColorMapper(palette=list(STATE_COLORS), low=-0.5, high=len(STATE_COLORS) - 0.5)
     block_map.image(image="image", x=0, y=0, dw="dw", dh="dh", source=image, color_mapper=mapper)
     block_map.xaxis.axis_label, block_map.yaxis.axis_label = "block x", "block y"
+    for axis in (block_map.xaxis, block_map.yaxis):
+        axis.ticker = AdaptiveTicker(min_interval=1, num_minor_ticks=0)
     layer = Slider(start=0, end=1, value=0, step=1, title="block layer z", width=500)
-    projection = CheckboxGroup(labels=["worst state over all z layers"], active=[0])
+    projection = CheckboxGroup(labels=["worst state over all z layers"], active=[])
     rates = ColumnDataSource({"time": [], "blocks": [], "voxels": []})
     voxels = figure(title="output voxels/s", x_axis_type="datetime", width=520, height=230)
     voxels.line("time", "voxels", source=rates, line_width=2)

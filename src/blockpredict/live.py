@@ -25,6 +25,8 @@ PENDING, IN_FLIGHT, DONE_NOW, FAILED_NOW, SKIPPED = range(5)
 STATE_NAMES = ("pending", "in flight", "done", "failed", "skipped by resume")
 STATE_COLORS = ("#d9d9d9", "#f2b701", "#2ca02c", "#d62728", "#1f77b4")
 
+RATE_WINDOW = 10.0  # seconds of history behind each rate sample
+
 _REGISTRY: dict[str, LiveState] = {}
 
 
@@ -57,7 +59,7 @@ class LiveState(RunObserver):
         self.throughput: deque[tuple[float, float, float]] = deque(maxlen=history)
         self.voxels_per_block = 0.0
         self.start = time.time()
-        self._last_sample = (time.monotonic(), 0)
+        self._samples: deque[tuple[float, int]] = deque()  # (monotonic, processed), last 10 s
         self.ended = False
         self.summary = ""
 
@@ -68,7 +70,7 @@ class LiveState(RunObserver):
             self.skipped = int(np.count_nonzero(ledger.states == DONE))
             self.voxels_per_block = math.prod(plan.output_shape) / max(1, plan.num_blocks)
             self.start = time.time()
-            self._last_sample = (time.monotonic(), 0)
+            self._samples.append((time.monotonic(), 0))
 
     def blocks_submitted(self, block_ids: Any) -> None:
         with self.lock:
@@ -96,14 +98,17 @@ class LiveState(RunObserver):
             )
 
     def tick(self) -> None:
+        """Once a second: blocks/s and output voxels/s over the last ~10 s."""
         now = time.monotonic()
-        last, processed = self._last_sample
-        if now - last < 1.0:
+        if not self._samples or now - self._samples[-1][0] < 1.0:
             return
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        then, processed = self._samples[0]
         with self.lock:
-            blocks = (self.processed - processed) / (now - last)
+            blocks = (self.processed - processed) / (now - then)
             self.throughput.append((time.time(), blocks, blocks * self.voxels_per_block))
-            self._last_sample = (now, self.processed)
+        self._samples.append((now, self.processed))
 
     def run_ended(self, report: Any) -> None:
         self.tick()

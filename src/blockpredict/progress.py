@@ -32,6 +32,13 @@ def format_seconds(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def format_rate(voxels_per_second: float) -> str:
+    """``12.3 M output voxels/s`` (``k`` below a million)."""
+    if voxels_per_second >= 1e6:
+        return f"{voxels_per_second / 1e6:.2f} M output voxels/s"
+    return f"{voxels_per_second / 1e3:.1f} k output voxels/s"
+
+
 class Progress(RunObserver):
     """Counts results and shows them: as a tqdm bar on a TTY, else as periodic lines."""
 
@@ -109,7 +116,7 @@ class Progress(RunObserver):
         pct = 100 * self.done / max(1, self.total)
         return (
             f"progress: {self.done}/{self.total} blocks ({pct:.1f}%), {blocks:.2f} blocks/s, "
-            f"{voxels / 1e6:.2f} M output voxels/s, ETA {format_seconds(eta)}, "
+            f"{format_rate(voxels)}, ETA {format_seconds(eta)}, "
             f"{self.failed} failed, {self.n_workers} workers"
         )
 
@@ -117,6 +124,7 @@ class Progress(RunObserver):
         assert self.bar is not None
         _, voxels, _ = self.rates()
         self.bar.set_postfix_str(
-            f"{voxels / 1e6:.2f} M vox/s, failed {self.failed}, workers {self.n_workers}",
+            f"{format_rate(voxels).replace(' output voxels', ' vox')}, failed {self.failed}, "
+            f"workers {self.n_workers}",
             refresh=False,
         )
