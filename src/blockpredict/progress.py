@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from typing import IO, Any
@@ -30,6 +31,16 @@ def format_seconds(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _size(stream: IO[str]) -> tuple[int, int]:
+    """The terminal's (columns, lines); (120, 24) where it reports none (a bare pty says 0,
+    and tqdm then hides its bar)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 120, 24
+    return (size.columns if size.columns >= 40 else 120), (size.lines if size.lines >= 2 else 24)
 
 
 def format_rate(voxels_per_second: float) -> str:
@@ -66,7 +77,8 @@ class Progress(RunObserver):
                 unit="block",
                 file=self.stream,
                 smoothing=0.1,
-                dynamic_ncols=True,
+                ncols=_size(self.stream)[0],
+                nrows=_size(self.stream)[1],
             )
 
     def block_finished(self, result: Any) -> None:
