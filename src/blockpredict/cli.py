@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     _workflow_args(status)
     status.set_defaults(func=_status)
 
+    preview = sub.add_parser(
+        "preview", help="write a PNG of one section: input, output and the block grid"
+    )
+    _workflow_args(preview)
+    preview.add_argument("--z", type=float, help="world z of the section (default: the middle)")
+    preview.add_argument("--out", type=Path, default=Path("preview.png"), help="the PNG to write")
+    preview.set_defaults(func=_preview)
+
     bench = sub.add_parser("bench", help="measure start-up, dispatch rate and throughput")
     bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     bench.add_argument("--dir", type=Path, help="keep the bench data here (default: a temp dir)")
@@ -162,6 +170,20 @@ def _status(args: argparse.Namespace) -> int:
     if failed:
         shown = " ".join(str(i) for i in failed[:100])
         print(f"failed blocks: {shown}" + (" ..." if len(failed) > 100 else ""))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from .config import load_workflow
+    from .preview import write_preview
+    from .storage import output_path
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    source = output_path(workflow.input.container, workflow.input.dataset)
+    out = output_path(workflow.output.container, workflow.output.dataset)
+    layout = write_preview(source, out, args.out, args.z)
+    where = f" at z = {layout.z}" if layout.z is not None else ""
+    print(f"preview{where}: {args.out.resolve()} ({', '.join(layout.panels)})")
     return 0
 
 
