@@ -1,4 +1,4 @@
-"""Our dashboard page in a real browser (Debian's chromium driven by Playwright) during real runs."""
+"""Our dashboard page in a real browser (Debian's chromium, driven by Playwright), in real runs."""
 
 from __future__ import annotations
 
@@ -94,7 +94,11 @@ class Run:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockpredict.cli", "predict", str(workflow)],
-            cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)

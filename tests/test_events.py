@@ -157,8 +157,12 @@ def test_kill_9_of_the_client_redoes_no_block_the_log_recorded(tmp_path):
 
     command = [sys.executable, "-m", "blockpredict.cli", "predict", str(path), "--no-progress"]
     proc = subprocess.Popen(
-        command, cwd=tmp_path, env=env_with(tmp_path), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        command,
+        cwd=tmp_path,
+        env=env_with(tmp_path),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while len(logged()) < 10 and time.time() < deadline:
@@ -169,13 +173,21 @@ def test_kill_9_of_the_client_redoes_no_block_the_log_recorded(tmp_path):
     assert 10 <= len(recorded) < 64
     status = subprocess.run(
         [sys.executable, "-m", "blockpredict.cli", "status", str(path)],
-        cwd=tmp_path, env=env_with(tmp_path), capture_output=True, text=True, check=True,
+        cwd=tmp_path,
+        env=env_with(tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     done = int(status.split("done: ")[1].split("/")[0])
     assert done >= len(recorded), status
     rerun = subprocess.run(
         [*command, "--report", "report.json"],
-        cwd=tmp_path, env=env_with(tmp_path), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env_with(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads((tmp_path / "report.json").read_text())

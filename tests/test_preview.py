@@ -82,7 +82,11 @@ def preview(path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC}
     return subprocess.run(
         [sys.executable, "-m", "blockpredict.cli", "preview", str(path), *args],
-        cwd=path.parent, env=env, capture_output=True, text=True, timeout=120,
+        cwd=path.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -95,7 +95,11 @@ def test_without_a_terminal_one_line_every_interval(run_setup):
     command, env, cwd = run_setup
     done = subprocess.run(
         [*command, "--progress-interval", "0.5"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr

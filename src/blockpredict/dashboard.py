@@ -94,8 +94,14 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     legend = Div(text=_legend())
     image = ColumnDataSource({"image": [_empty()], "dw": [1], "dh": [1]})
     block_map = figure(
-        title="block map", width=520, height=520, x_range=Range1d(0, 1), y_range=Range1d(1, 0),
-        tools="pan,wheel_zoom,reset", toolbar_location="above", name="block_map",
+        title="block map",
+        width=520,
+        height=520,
+        x_range=Range1d(0, 1),
+        y_range=Range1d(1, 0),
+        tools="pan,wheel_zoom,reset",
+        toolbar_location="above",
+        name="block_map",
         css_classes=["blockpredict-block-map"],
     )
     mapper = LinearColorMapper(palette=list(STATE_COLORS), low=-0.5, high=len(STATE_COLORS) - 0.5)
@@ -117,7 +123,9 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     phase_plot.vbar(x="phase", top="seconds", width=0.6, source=phases)
     failures = ColumnDataSource({"block": [], "index": [], "worker": [], "error": []})
     table = DataTable(
-        source=failures, width=1060, height=200,
+        source=failures,
+        width=1060,
+        height=200,
         columns=[
             TableColumn(field="block", title="block", width=70),
             TableColumn(field="index", title="index", width=100),
@@ -253,7 +261,10 @@ def serve(
         asyncio.set_event_loop(loop)
         app = Application(FunctionHandler(lambda doc: build_document(doc, state)))
         server = Server(
-            {"/" + PAGE: app}, port=port, address=host, io_loop=None,
+            {"/" + PAGE: app},
+            port=port,
+            address=host,
+            io_loop=None,
             allow_websocket_origin=[f"{host}:{port}", f"localhost:{port}"],
         )
         server.start()

@@ -93,8 +93,12 @@ class LiveState(RunObserver):
             self.failed += 1
             index = list(self.plan.block_index(result.block_id)) if self.plan else []
             self.failures.append(
-                {"block": result.block_id, "index": index, "worker": result.worker,
-                 "error": result.error or ""}
+                {
+                    "block": result.block_id,
+                    "index": index,
+                    "worker": result.worker,
+                    "error": result.error or "",
+                }
             )
 
     def tick(self) -> None:

@@ -41,9 +41,7 @@ class Layout:
     lines_x: tuple[int, ...]  # image columns (within a panel) of block left edges
 
 
-def write_preview(
-    input_path: str, output: str, out_png: Path, z: float | None = None
-) -> Layout:
+def write_preview(input_path: str, output: str, out_png: Path, z: float | None = None) -> Layout:
     """Render the section at world ``z`` (default: the middle of the output ROI) to a PNG."""
     from PIL import Image
 
@@ -88,8 +86,13 @@ def render(input_path: str, output: str, z: float | None = None) -> tuple[np.nda
         _outline(big, states, tops, lefts)
         image[:, i * (width + GAP) : i * (width + GAP) + width] = big
     layout = Layout(
-        z=z_world, pixel_size=pixel, scale=scale, panels=tuple(n for n, _ in panels),
-        panel_width=width, lines_y=tuple(tops), lines_x=tuple(lefts),
+        z=z_world,
+        pixel_size=pixel,
+        scale=scale,
+        panels=tuple(n for n, _ in panels),
+        panel_width=width,
+        lines_y=tuple(tops),
+        lines_x=tuple(lefts),
     )
     return image, layout
 
