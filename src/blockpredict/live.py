@@ -31,8 +31,15 @@ _REGISTRY: dict[str, LiveState] = {}
 
 
 def publish(address: str, state: LiveState) -> None:
-    """Make ``state`` the run shown for the scheduler at ``address``."""
+    """Make ``state`` the run shown for the scheduler at ``address``.
+
+    Only the latest few runs stay registered, so a long-lived process that runs many
+    workflows does not keep their block states.
+    """
+    _REGISTRY.pop(address, None)
     _REGISTRY[address] = state
+    while len(_REGISTRY) > 4:
+        _REGISTRY.pop(next(iter(_REGISTRY)))
 
 
 def lookup(address: str | None = None) -> LiveState | None:
