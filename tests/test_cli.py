@@ -67,8 +67,20 @@ def test_demo(tmp_path):
     assert prediction.shape == (3, 112, 176, 176)
     assert prediction.dtype == np.uint8
     assert "18/18 done (18 processed, 0 skipped), 0 failed" in result.stderr
+    assert "output voxel size (8, 8, 8), ROI offset (64, 64, 64) shape (896, 1408, 1408)" in (
+        result.stderr
+    )
+    # the trained model shows the membranes: low affinities where the input is dark
+    raw = zarr.open_array(str(tmp_path / "demo" / "data.zarr" / "raw"), mode="r")
+    raw = raw[8:120, 8:184, 8:184]  # the output ROI
+    affinity = prediction[:].astype(np.float32).mean(axis=0)
+    membrane, inside = affinity[raw < 50].mean(), affinity[raw > 150].mean()
+    assert inside - membrane > 100, (inside, membrane)
+    png = tmp_path / "demo" / "preview.png"
+    assert f"preview (z = 512 nm): {png}" in result.stdout and png.stat().st_size > 10_000
     # a second demo run in the same folder starts over (the demo asks for overwrite)
-    assert cli("demo", "--dir", "demo", cwd=tmp_path).returncode == 0
+    again = cli("demo", "--dir", "demo", cwd=tmp_path)
+    assert again.returncode == 0 and "reusing the trained weights" in again.stderr
 
 
 def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):

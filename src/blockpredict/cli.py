@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     _workflow_args(predict)
     predict.add_argument("--report", type=Path, help="write a JSON run report here")
     predict.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    predict.add_argument(
+        "--progress-interval",
+        type=float,
+        metavar="SECONDS",
+        help="without a terminal, print a progress line this often (default 60)",
+    )
     predict.set_defaults(func=_predict)
 
     plan = sub.add_parser("plan", help="print the block plan without running anything")
@@ -66,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the progress of a workflow from its ledger")
     _workflow_args(status)
     status.set_defaults(func=_status)
+
+    preview = sub.add_parser(
+        "preview", help="write a PNG of one section: input, output and the block grid"
+    )
+    _workflow_args(preview)
+    preview.add_argument("--z", type=float, help="world z of the section (default: the middle)")
+    preview.add_argument("--out", type=Path, default=Path("preview.png"), help="the PNG to write")
+    preview.set_defaults(func=_preview)
 
     bench = sub.add_parser("bench", help="measure start-up, dispatch rate and throughput")
     bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
@@ -102,7 +116,10 @@ def _predict(args: argparse.Namespace) -> int:
     from .config import load_workflow
     from .workflow import predict_workflow
 
-    workflow = load_workflow(args.workflow, args.overrides)
+    overrides = list(args.overrides)
+    if args.progress_interval is not None:
+        overrides.append(f"execution.progress_interval={args.progress_interval}")
+    workflow = load_workflow(args.workflow, overrides)
     report = predict_workflow(workflow, progress=not args.no_progress)
     if args.report:
         report.write(args.report)
@@ -138,6 +155,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .config import load_workflow
     from .errors import InputError
+    from .events import events_path, replay
     from .ledger import Ledger, ledger_path
     from .storage import output_path
 
@@ -149,6 +167,8 @@ def _status(args: argparse.Namespace) -> int:
             "no ledger: this workflow has not started", path, "run blockpredict predict"
         )
     ledger = Ledger.open(path, storage_options=options)
+    out = output_path(workflow.output.container, workflow.output.dataset)
+    replay(ledger, events_path(out))  # the log is current while a run goes on
     counts = ledger.counts()
     total = sum(counts.values())
     print(f"ledger: {path}")
@@ -159,6 +179,20 @@ def _status(args: argparse.Namespace) -> int:
     if failed:
         shown = " ".join(str(i) for i in failed[:100])
         print(f"failed blocks: {shown}" + (" ..." if len(failed) > 100 else ""))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from .config import load_workflow
+    from .preview import write_preview
+    from .storage import output_path
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    source = output_path(workflow.input.container, workflow.input.dataset)
+    out = output_path(workflow.output.container, workflow.output.dataset)
+    layout = write_preview(source, out, args.out, args.z)
+    where = f" at z = {layout.z}" if layout.z is not None else ""
+    print(f"preview{where}: {args.out.resolve()} ({', '.join(layout.panels)})")
     return 0
 
 

@@ -52,12 +52,17 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
             threads_per_worker=config.threads_per_worker,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=config.dashboard_address,
+            dashboard_address=loopback(config.dashboard_address),
             silence_logs=logging.ERROR,
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def loopback(address: str) -> str:
+    """``:8787`` (all interfaces, for Dask) -> ``127.0.0.1:8787``: a local cluster stays local."""
+    return "127.0.0.1" + address if address.startswith(":") else address
 
 
 def _has_cuda() -> bool:

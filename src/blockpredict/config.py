@@ -255,6 +255,7 @@ class ExecutionConfig(Strict):
     resume: bool = True
     grace_period: float = Field(30.0, ge=0)
     block_timeout: float | None = Field(None, gt=0)
+    progress_interval: float = Field(60.0, gt=0)  # seconds between progress lines (no TTY)
 
 
 class Workflow(Strict):

@@ -5,6 +5,8 @@ For an output in an object store, the ledger lies in the same store
 
 Only the runner writes it, and only after a block's write returned. It stores
 a hash of the geometry, so a ledger never vouches for blocks of another plan.
+A flush writes only the chunks that changed since the last one, and records how
+far the event log (its journal, see ``events``) had been written at that moment.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ class Ledger:
         self.storage_options = dict(storage_options or {})
         self.geometry = geometry
         self.states = states
-        self._dirty = False
+        self._dirty_chunks: set[int] = set()
         self._last_flush = time.monotonic()
+        self.journal_offset = 0  # bytes of the event log this snapshot includes
+        self._stored_offset = 0
 
     @staticmethod
     def exists(path: str, storage_options: dict | None = None) -> bool:
@@ -92,11 +96,17 @@ class Ledger:
                 path,
                 "set output.overwrite: true to start over, or restore the workflow",
             )
-        return cls(path, stored, np.asarray(array[:], dtype=np.uint8), storage_options)
+        ledger = cls(path, stored, np.asarray(array[:], dtype=np.uint8), storage_options)
+        ledger.journal_offset = ledger._stored_offset = int(array.attrs.get("journal_offset", 0))
+        return ledger
+
+    @property
+    def hash(self) -> str:
+        return geometry_hash(self.geometry)
 
     def mark(self, block_id: int, state: int) -> None:
         self.states[block_id] = state
-        self._dirty = True
+        self._dirty_chunks.add(block_id // CHUNK)
 
     def pending(self, order: Iterator[int]) -> Iterator[int]:
         """Block ids of ``order`` that are not done."""
@@ -110,11 +120,18 @@ class Ledger:
         return np.flatnonzero(self.states == FAILED).tolist()
 
     def flush(self, every: float = 0.0) -> None:
-        """Write the states if changed and at least ``every`` seconds passed."""
-        if not self._dirty or time.monotonic() - self._last_flush < every:
+        """Write the changed chunks if at least ``every`` seconds passed since the last flush."""
+        changed = self._dirty_chunks or self.journal_offset != self._stored_offset
+        if not changed or time.monotonic() - self._last_flush < every:
             return
-        zarr.open_array(zarr_store(self.path, self.storage_options), mode="r+")[:] = self.states
-        self._dirty = False
+        array = zarr.open_array(zarr_store(self.path, self.storage_options), mode="r+")
+        chunk = array.chunks[0]
+        for c in sorted({i * CHUNK // chunk for i in self._dirty_chunks}):
+            array[c * chunk : (c + 1) * chunk] = self.states[c * chunk : (c + 1) * chunk]
+        if self.journal_offset != self._stored_offset:  # after the states it vouches for
+            array.attrs["journal_offset"] = self.journal_offset
+            self._stored_offset = self.journal_offset
+        self._dirty_chunks.clear()
         self._last_flush = time.monotonic()
 
 

@@ -127,6 +127,12 @@ class RunReport:
             )
             lines.append(f"worker time: {phases}")
         lines.append(f"output: {self.output_path}")
+        if self.output_roi:
+            roi = self.output_roi
+            lines.append(
+                f"output voxel size {_coords(self.output_voxel_size)}, ROI offset "
+                f"{_coords(roi['offset'])} shape {_coords(roi['shape'])} (world units)"
+            )
         if self.fail_fast_error:
             lines.append(f"stopped early: the first blocks all failed with {self.fail_fast_error}")
         if self.interrupted:
@@ -136,3 +142,7 @@ class RunReport:
         if len(self.failed_blocks) > 20:
             lines.append(f"... and {len(self.failed_blocks) - 20} more failed blocks")
         return "\n".join(lines)
+
+
+def _coords(values: list[int]) -> str:
+    return "(" + ", ".join(str(v) for v in values) + ")"

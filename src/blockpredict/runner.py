@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import time
 import uuid
 from collections import deque
@@ -21,12 +20,15 @@ from contextlib import contextmanager
 from itertools import islice
 
 from distributed import Client, as_completed, wait
-from tqdm import tqdm
 
 from .config import ExecutionConfig
 from .errors import BlockpredictError
+from .events import EventLog, events_path
 from .ledger import DONE, FAILED, Ledger
+from .live import LiveState, publish
+from .observe import Observers, RunObserver
 from .plan import morton_order
+from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
 from .worker import (
     PLUGIN_NAME,
@@ -52,13 +54,18 @@ class Dispatcher:
     """Keeps a bounded window of tasks in flight and accounts for each result."""
 
     def __init__(
-        self, client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, bar: tqdm
+        self,
+        client: Client,
+        job: Job,
+        ledger: Ledger,
+        execution: ExecutionConfig,
+        observer: RunObserver,
     ) -> None:
         self.client = client
         self.job = job
         self.ledger = ledger
         self.execution = execution
-        self.bar = bar
+        self.observer = observer
         plan = job.plan
         self.report = RunReport(
             blocks_total=plan.num_blocks,
@@ -94,6 +101,7 @@ class Dispatcher:
             self.owner[future.key] = ids
             self.task_of.update(dict.fromkeys(ids, future))
             self.futures.add(future)
+            self.observer.blocks_submitted(ids)
 
     def _next_ids(self) -> list[int]:
         n = self.execution.blocks_per_task
@@ -125,10 +133,12 @@ class Dispatcher:
             report.blocks_processed += 1
             self.worker_names.add(result.worker)
             self.phases.add(result)
-            self.bar.update(1)
+            self.observer.block_finished(result)
             return
         self.attempts[block_id] = self.attempts.get(block_id, 0) + 1
-        if self.attempts[block_id] <= self.execution.max_retries:
+        final = self.attempts[block_id] > self.execution.max_retries
+        self.observer.block_failed(result, final)
+        if not final:
             report.retries += 1
             logger.warning("block %d failed (%s); retrying", block_id, result.error)
             self.retry.append(block_id)
@@ -140,7 +150,6 @@ class Dispatcher:
         logger.error(
             "block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error
         )
-        self.bar.update(1)
 
     def wait_any(self, timeout: float) -> None:
         """Block until a task finishes or ``timeout`` passes (signals and timeouts get a turn)."""
@@ -209,15 +218,9 @@ def run(
     threads = sum(w["nthreads"] for w in workers.values()) or 1
     window = max(8, 4 * max(threads, expected_threads))
     skipped = ledger.counts()["done"]
-    bar = tqdm(
-        total=plan.num_blocks,
-        initial=skipped,
-        unit="block",
-        disable=not progress,
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-    d = Dispatcher(client, job, ledger, execution, bar)
+    observer = watchers(client, job, ledger, execution, progress)
+    observer.run_started(plan, ledger, len(workers))
+    d = Dispatcher(client, job, ledger, execution, observer)
     d.report.blocks_skipped = skipped
     d.report.workers = len(workers)
     grace_end = math.inf
@@ -248,11 +251,12 @@ def run(
                     d.cancel_all()
                 d.submit_more(window)
                 ledger.flush(every=2.0)
+                observer.tick()
                 if not done and d.owner:
                     d.wait_any(timeout=0.2)
         finally:
+            observer.tick()
             ledger.flush()
-            bar.close()
     report = d.report
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
@@ -260,7 +264,21 @@ def run(
     voxels = report.blocks_processed / max(1, plan.num_blocks) * math.prod(plan.output_shape)
     report.output_voxels_per_second = voxels / max(report.wall_seconds, 1e-9)
     report.phase_seconds = d.phases.summary()
+    observer.run_ended(report)
+    ledger.flush()
     return report
+
+
+def watchers(
+    client: Client, job: Job, ledger: Ledger, execution: ExecutionConfig, progress: bool
+) -> Observers:
+    """Who hears of each result: the event log, the dashboard's live state, progress."""
+    live = LiveState(job.output.path)
+    publish(client.scheduler.address, live)
+    observers: list[RunObserver] = [EventLog(events_path(job.output.path)), live]
+    if progress:
+        observers.append(Progress(execution.progress_interval))
+    return Observers(observers)
 
 
 def _register(client: Client, job: Job) -> None:

@@ -27,6 +27,8 @@ from .config import (
     validate_section,
 )
 from .errors import GeometryError, ModelError
+from .events import events_path, replay
+from .events import reset as reset_events
 from .layout import describe_output
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
@@ -251,6 +253,7 @@ def execute(
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
+    from .dashboard import install, page_url
     from .runner import run
 
     out = prepared.output
@@ -265,16 +268,24 @@ def execute(
         device=cluster.device,
         threads=torch_threads(cluster),
     )
-    with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
+    install()  # our page, in the dashboard of the scheduler that connect() starts
+    with (
+        connect(cluster) as client,  # before writing: an unreachable cluster writes nothing
+        page_url(client, own_scheduler=cluster.type != "address") as page,
+    ):
         logger.info("dashboard: %s", client.dashboard_link)
+        if page:
+            logger.info("blockpredict page: %s", page)
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
+            replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
             prepare_output(info, out.overwrite)
             ledger = Ledger.create(
                 ledger_path(info.path), prepared.geometry(), plan.num_blocks, out.storage_options
             )
+            reset_events(events_path(info.path))
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
         return run(
             client,

@@ -1,0 +1,224 @@
+"""Our dashboard page in a real browser (Debian's chromium, driven by Playwright), in real runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import make_input, write_workflow
+
+import blockpredict
+from blockpredict.events import read_events
+from blockpredict.live import STATE_COLORS
+
+CHROMIUM = "/usr/bin/chromium"
+SRC = str(Path(blockpredict.__file__).resolve().parents[1])
+DONE_RGB = tuple(int(STATE_COLORS[2][i : i + 2], 16) for i in (1, 3, 5))
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed here (.ci/run installs it with apt as root)",
+)
+
+SLOW = textwrap.dedent(
+    """
+    import time
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class SlowMean(torch.nn.Module):
+        '''3x3x3 mean filter that sleeps per block; raises on a marked voxel (> 100).'''
+        def __init__(self, delay):
+            super().__init__()
+            self.delay = delay
+        def forward(self, x):
+            if x.max() > 100:
+                raise ValueError("marked voxel in this block")
+            time.sleep(self.delay)
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build(delay=0.0):
+        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+
+# collects the text of a page, through Bokeh's shadow roots
+PAGE_TEXT = """() => {
+  const out = [];
+  const walk = (n) => {
+    if (n.nodeName === "STYLE" || n.nodeName === "SCRIPT") return;
+    if (n.nodeType === 3) out.push(n.textContent);
+    if (n.shadowRoot) walk(n.shadowRoot);
+    for (const c of n.childNodes) walk(c);
+  };
+  walk(document.body);
+  return out.join(" ");
+}"""
+
+
+def setup_run(tmp_path: Path, cluster: dict) -> Path:
+    """64 blocks of 8^3 that take 0.8 s each; block 0 fails (a marked voxel)."""
+    (tmp_path / "slow.py").write_text(SLOW)
+    data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
+    data[2, 2, 2] = 1000.0
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    return write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "slow:build", "kwargs": {"delay": 0.8}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": cluster,
+            "execution": {"max_retries": 0, "fail_fast": 0},
+        },
+    )
+
+
+class Run:
+    """``blockpredict predict`` in a subprocess; its stderr lines collected as they come."""
+
+    def __init__(self, tmp_path: Path, workflow: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blockpredict.cli", "predict", str(workflow)],
+            cwd=tmp_path,
+            env=env,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.log = tmp_path / "out.zarr" / "pred-events.jsonl"
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def url(self, label: str, timeout: float = 120) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in list(self.lines):
+                if m := re.match(rf"{label}: (http\S+)", line):
+                    return m.group(1)
+            assert self.proc.poll() is None, "".join(self.lines)
+            time.sleep(0.1)
+        raise AssertionError("no URL printed:\n" + "".join(self.lines))
+
+    def wait_finished(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if sum(e["event"] == "block_finished" for e in read_events(self.log)) >= n:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the run did not get going:\n" + "".join(self.lines))
+
+    def end(self) -> int:
+        code = self.proc.wait(timeout=300)
+        self.reader.join(10)
+        return code
+
+
+def done_count(text: str) -> int:
+    match = re.search(r"done (\d+)/64", text)
+    assert match, text
+    return int(match.group(1))
+
+
+def done_pixels(png: Path) -> int:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    return int((np.abs(pixels.astype(int) - DONE_RGB).sum(axis=-1) <= 6).sum())
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield chromium.new_page(viewport={"width": 1300, "height": 1100})
+        chromium.close()
+
+
+def check_our_page(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """The block map shows done blocks, the failed block is listed, and it updates."""
+    time.sleep(4)
+    text = page.evaluate(PAGE_TEXT)
+    assert "blockpredict: running" in text and "skipped by resume" in text, text  # the legend
+    assert "failed blocks (1)" in text and "ValueError: marked voxel in this block" in text, text
+    first = done_count(text)
+    page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    block_map = page.locator(".blockpredict-block-map")
+    assert block_map.count() == 1
+    shot = tmp_path / f"{name}-block-map.png"
+    block_map.screenshot(path=str(shot))
+    assert done_pixels(shot) > 2000  # done blocks drawn in the block map
+    time.sleep(3)
+    assert done_count(page.evaluate(PAGE_TEXT)) > first  # live
+
+
+def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
+    cluster = {"type": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"}
+    run = Run(tmp_path, setup_run(tmp_path, cluster))
+    try:
+        status = run.url("dashboard")
+        ours = run.url("blockpredict page")
+        assert ours == status.rsplit("/", 1)[0] + "/blockpredict"
+        run.wait_finished(12)  # layer z = 0 has done blocks (Morton order)
+        listening = [
+            c.laddr.ip
+            for p in [psutil.Process(run.proc.pid), *psutil.Process(run.proc.pid).children(True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert listening and set(listening) <= {"127.0.0.1", "::1"}, listening
+        browser.goto(status)
+        time.sleep(4)
+        text = browser.evaluate(PAGE_TEXT)
+        assert "Task Stream" in text and "needs bokeh" not in text, text  # it rendered
+        browser.screenshot(path=str(tmp_path / "status.png"))
+        link = browser.locator("#myTopnav a[href*=blockpredict]")
+        assert link.count() == 1
+        link.click()
+        browser.wait_for_url("**/blockpredict")
+        check_our_page(browser, tmp_path, "local")
+    finally:
+        code = run.end()
+    assert code == 1, "".join(run.lines)  # one block failed
+
+
+def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser, cluster_address):
+    from distributed import Client
+
+    with Client(cluster_address) as client:  # the shared cluster's workers find slow.py too
+        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
+    run = Run(tmp_path, setup_run(tmp_path, {"type": "address", "address": cluster_address}))
+    try:
+        ours = run.url("blockpredict page")
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/blockpredict", ours)
+        run.wait_finished(12)  # layer z = 0 has done blocks (Morton order)
+        browser.goto(ours)
+        check_our_page(browser, tmp_path, "address")
+    finally:
+        code = run.end()
+    assert code == 1, "".join(run.lines)
