@@ -97,7 +97,7 @@ def test_preview_pixels_are_the_arrays_and_the_grid_is_in_block_states(predicted
     png = tmp_path / "p.png"
     assert done.stdout.strip() == f"preview at z = 13: {png} (input, output c0)"
     image = np.asarray(Image.open(png).convert("RGB"))
-    out = zarr.open_array(str(tmp_path / "out.zarr" / "pred"), mode="r")[:]
+    out = zarr.open_array(str(tmp_path / "out.zarr" / "pred" / "s0"), mode="r")[:]
     scale = 11  # 24 pixels per panel side, scaled up to at least 256
     width = 24 * scale
     assert image.shape == (24 * scale, 2 * width + GAP, 3)

@@ -190,7 +190,9 @@ def _preview(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, args.overrides)
     source = output_path(workflow.input.container, workflow.input.dataset)
     out = output_path(workflow.output.container, workflow.output.dataset)
-    layout = write_preview(source, out, args.out, args.z)
+    groups = list(workflow.output.datasets or {})
+    image = output_path(workflow.output.container, groups[0]) if groups else None
+    layout = write_preview(source, out, args.out, args.z, image)
     where = f" at z = {layout.z}" if layout.z is not None else ""
     print(f"preview{where}: {args.out.resolve()} ({', '.join(layout.panels)})")
     return 0

@@ -11,6 +11,7 @@ so a preview needs neither the model nor a cluster.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,24 @@ class Layout:
     lines_x: tuple[int, ...]  # image columns (within a panel) of block left edges
 
 
-def write_preview(input_path: str, output: str, out_png: Path, z: float | None = None) -> Layout:
-    """Render the section at world ``z`` (default: the middle of the output ROI) to a PNG."""
+def write_preview(
+    input_path: str, output: str, out_png: Path, z: float | None = None, shown: str | None = None
+) -> Layout:
+    """Render the section at world ``z`` (default: the middle of the output ROI) to a PNG.
+
+    ``output`` names the ledger; ``shown`` the output image drawn (default: ``output``).
+    """
     from PIL import Image
 
-    image, layout = render(input_path, output, z)
+    image, layout = render(input_path, output, z, shown)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(out_png)
     return layout
 
 
-def render(input_path: str, output: str, z: float | None = None) -> tuple[np.ndarray, Layout]:
+def render(
+    input_path: str, output: str, z: float | None = None, shown: str | None = None
+) -> tuple[np.ndarray, Layout]:
     """The RGB image (H, W, 3) of the section, and where its panels and grid lines are."""
     path = ledger_path(output)
     if not Ledger.exists(path):
@@ -64,7 +72,7 @@ def render(input_path: str, output: str, z: float | None = None) -> tuple[np.nda
     write_size = Coordinate(plan["write_shape"]) * out_vs
     grid = tuple(plan["grid_shape"])
     source = open_ds(input_path)
-    result = open_ds(output)
+    result = open_ds(_full_resolution(shown or output))
     section, z_world, layer = _section(roi, out_vs, write_size, z)
     in_vs = Coordinate(source.voxel_size)
     pixel = Coordinate(min(a, b) for a, b in zip(in_vs[-2:], out_vs[-2:], strict=True))
@@ -95,6 +103,12 @@ def render(input_path: str, output: str, z: float | None = None) -> tuple[np.nda
         lines_x=tuple(lefts),
     )
     return image, layout
+
+
+def _full_resolution(path: str) -> str:
+    """An output image's ``s0`` level (outputs are OME-NGFF multiscale groups)."""
+    level = os.path.join(path, "s0")
+    return level if os.path.exists(level) else path
 
 
 def _section(
