@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from .config import (
     Workflow,
     validate_section,
 )
-from .errors import GeometryError, ModelError
+from .errors import ConfigError, GeometryError, ModelError, OutputError
+from .fingerprint import model_fingerprint
 from .ledger import Ledger, ledger_path
+from .lock import OutputLock
 from .plan import BlockPlan, make_plan
 from .report import RunReport
 from .storage import (
@@ -54,6 +57,7 @@ class Prepared:
     num_out_channels: int
     model: Any  # a ModelConfig for the workers to rebuild, or a Model object
     resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what decides the values
 
     @property
     def output_path(self) -> str:
@@ -68,6 +72,7 @@ class Prepared:
             "dtype": self.output.dtype,
             "num_out_channels": self.num_out_channels,
             "chunks": list(self.plan.write_shape),
+            **self.fingerprint,
         }
 
     def output_nbytes(self) -> int:
@@ -84,7 +89,10 @@ def prepare(
 ) -> Prepared:
     """Open the input, check the model against it and plan the blocks."""
     info = open_input(input.container, input.dataset)
-    normalization(info.dtype, input.normalize)
+    scaling = normalization(info.dtype, input.normalize)
+    out_path = output_path(output.container, output.dataset)
+    check_not_input(info.path, out_path)
+    check_writable(out_path)
     if info.num_channels != model.num_in_channels:
         raise ModelError(
             f"input has {info.num_channels} channels, the model expects {model.num_in_channels}",
@@ -130,8 +138,63 @@ def prepare(
     )
     for warning in plan.warnings:
         logger.warning(warning)
-    prepared = Prepared(info, output, plan, int(channels), model_source)
+    _check_channels(model_source, int(channels))
+    fingerprint = model_fingerprint(model, model_source, scaling)
+    prepared = Prepared(info, output, plan, int(channels), model_source, fingerprint=fingerprint)
     return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def check_not_input(input_path: str, out_path: str) -> None:
+    """The input is only ever read: refuse an output or ledger that is, holds or lies in it."""
+    source = os.path.realpath(input_path)
+    for what, path in (("output", out_path), ("ledger", ledger_path(out_path))):
+        target = os.path.realpath(path)
+        if target == source or _inside(target, source) or _inside(source, target):
+            relation = "is"
+            if target != source:
+                relation = "contains" if _inside(source, target) else "lies inside"
+            raise ConfigError(
+                f"the {what} {relation} the input {input_path}",
+                f"output.container/output.dataset {out_path}",
+                "write the output to another dataset or container",
+            )
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_writable(out_path: str) -> None:
+    """The output's folder can be created and written (tried, then removed)."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is not a folder"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
+        except OSError as e:
+            problem = f"cannot write in {existing} ({e.strerror or e})"
+    if problem:
+        raise OutputError(
+            f"the output cannot be written: {problem}",
+            "output.container",
+            "choose a writable location",
+        )
+
+
+def _check_channels(model_source: Any, channels: int) -> None:
+    """A declared ``num_out_channels`` must be what the model's shape probe returned."""
+    declared = getattr(model_source, "num_out_channels", None)
+    if isinstance(declared, int) and declared != channels:
+        raise ModelError(
+            f"the model returns {channels} channels, the workflow declares {declared}",
+            "model.num_out_channels",
+            f"set num_out_channels: {channels} or fix the model",
+        )
 
 
 def _output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, Coordinate]:
@@ -191,7 +254,7 @@ def execute(
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
-    from .runner import run
+    from .runner import run, signals_restored
 
     out = prepared.output
     plan = prepared.plan
@@ -211,7 +274,8 @@ def execute(
         device=cluster.device,
         threads=torch_threads(cluster),
     )
-    with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
+    # the lock first (a second run is refused), then the cluster: an unreachable one writes nothing
+    with OutputLock(prepared.output_path), signals_restored(), connect(cluster) as client:
         logger.info("dashboard: %s", client.dashboard_link)
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
