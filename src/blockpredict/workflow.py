@@ -166,24 +166,27 @@ def _inside(path: str, folder: str) -> bool:
 
 def check_writable(out_path: str) -> None:
     """The output's folder can be created and written (tried, then removed)."""
-    folder = os.path.dirname(os.path.abspath(out_path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    problem = None
-    if not os.path.isdir(existing):
-        problem = f"{existing} is not a folder"
-    else:
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
-        except OSError as e:
-            problem = f"cannot write in {existing} ({e.strerror or e})"
+    problem = writable_problem(os.path.dirname(os.path.abspath(out_path)))
     if problem:
         raise OutputError(
             f"the output cannot be written: {problem}",
             "output.container",
             "choose a writable location",
         )
+
+
+def writable_problem(folder: str) -> str | None:
+    """Why files cannot be made in ``folder`` (or the folders to create there), or None."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
 
 
 def _check_channels(model_source: Any, channels: int) -> None:
