@@ -41,12 +41,15 @@ def build_model(config: ModelConfig) -> Model:
                 architecture = _architecture(config)
                 head = _head(config, architecture)
                 model = Model(architecture, head, eval_activation=activation)
-        except RuntimeError as e:  # the dummy forward of Model() on a zero input
+        except ModelError:
+            raise
+        except Exception as e:  # the dummy forward of Model() on a zero input
+            first = str(e).strip().splitlines()
             raise ModelError(
-                f"the model fails on a zero input: {str(e).splitlines()[0]}",
+                f"the model fails on a zero input: {type(e).__name__}: {first[0] if first else ''}",
                 "model.factory" if config.factory else "model",
                 "check input_shape, num_in_channels and the model",
-            ) from None
+            ) from e
     if config.checkpoint is not None:
         load_checkpoint(model, config.checkpoint)
     return model.eval()

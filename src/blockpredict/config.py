@@ -257,7 +257,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {key}: {part} is not a mapping", "command line")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"malformed --set value for {key}: {problem}", "command line", "write it as YAML"
+        ) from None
 
 
 def validate_workflow(raw: dict[str, Any], where: str = "workflow") -> Workflow:

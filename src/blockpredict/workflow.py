@@ -113,7 +113,7 @@ def prepare(
             f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
             "model",
             "check the declared input_shape and eval_shape_increase",
-        ) from None
+        ) from e
     model_dims = eval_input_shape.dims
     vin = info.voxel_size
     vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
@@ -194,7 +194,8 @@ def _check_channels(model_source: Any, channels: int) -> None:
     declared = getattr(model_source, "num_out_channels", None)
     if isinstance(declared, int) and declared != channels:
         raise ModelError(
-            f"the model returns {channels} channels, the workflow declares {declared}",
+            f"the model returns {channels} channel{'s' * (channels != 1)}, "
+            f"the workflow declares {declared}",
             "model.num_out_channels",
             f"set num_out_channels: {channels} or fix the model",
         )
@@ -336,6 +337,13 @@ def predict(
     )
     cluster_cfg = validate_section(ClusterConfig, cluster or {}, "cluster")
     execution_cfg = validate_section(ExecutionConfig, execution or {}, "execution")
+    if not all(hasattr(model, k) for k in ("eval_input_shape", "compute_output_shape")):
+        raise ModelError(
+            f"a {type(model).__name__} is not a blockpredict Model",
+            "model",
+            "wrap it: Model(WrappedArchitecture(module, input_shape=..., num_in_channels=..., "
+            "num_out_channels=...), torch.nn.Identity())",
+        )
     model = model.cpu().eval()
     prepared = prepare(input_cfg, output_cfg, model, model, execution_cfg)
     return execute(prepared, input_cfg, cluster_cfg, execution_cfg, progress)
