@@ -246,6 +246,18 @@ def _unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing(prepared) -> str:  # type: ignore[no-untyped-def]
+    """What the run will do to an output that exists."""
+    from .ledger import Ledger, ledger_path
+
+    if prepared.resume:
+        counts = Ledger.open(ledger_path(prepared.output_path)).counts()
+        return f"exists: resumes, {counts['done']}/{prepared.plan.num_blocks} done"
+    if os.path.exists(prepared.output_path):
+        return "exists: overwrite: true deletes it"
+    return "created"
+
+
 def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
     """The plan as a user reads it: voxels and world units side by side."""
     plan = prepared.plan
@@ -271,7 +283,7 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
             f"offset {c(plan.output_roi.offset)} shape {c(plan.output_roi.shape)} world",
         ),
         ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
-        ("output", f"{out.container}/{out.dataset}"),
+        ("output", f"{out.container}/{out.dataset} ({_existing(prepared)})"),
         (
             "output array",
             f"shape {c((prepared.num_out_channels, *plan.output_shape))} "

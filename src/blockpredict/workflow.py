@@ -139,6 +139,7 @@ def prepare(
     for warning in plan.warnings:
         logger.warning(warning)
     _check_channels(model_source, int(channels))
+    _warn_unbounded(model, output.dtype)
     fingerprint = model_fingerprint(model, model_source, scaling)
     prepared = Prepared(info, output, plan, int(channels), model_source, fingerprint=fingerprint)
     return _check_existing(prepared, execution or ExecutionConfig())
@@ -187,6 +188,19 @@ def writable_problem(folder: str) -> str | None:
     except OSError as e:
         return f"cannot write in {existing} ({e.strerror or e})"
     return None
+
+
+def _warn_unbounded(model: Any, dtype: str) -> None:
+    """uint8 stores [0, 1] as 0..255: values of an unbounded activation are clipped."""
+    activation = getattr(model, "eval_activation", None)
+    name = type(activation).__name__ if activation is not None else "none"
+    if dtype == "uint8" and name not in ("Sigmoid", "Softmax"):
+        logger.warning(
+            "output.dtype is uint8, which stores [0, 1] as 0..255, but the model's "
+            "activation (%s) is not bounded to [0, 1]: values outside are clipped; "
+            "set model.eval_activation: sigmoid or output.dtype: float32",
+            name,
+        )
 
 
 def _check_channels(model_source: Any, channels: int) -> None:
@@ -285,6 +299,9 @@ def execute(
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry())
             logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
         else:
+            import zarr
+
+            zarr.open_group(str(out.container), mode="a")  # a root group: zarr tools list it
             prepare_output(
                 out.container,
                 out.dataset,
