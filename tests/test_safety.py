@@ -29,24 +29,26 @@ from blockpredict.config import ModelConfig
 
 FACTORY = textwrap.dedent(
     """
-    import time
+    import os, time
     import torch
     from funlib.geometry import Coordinate
     from blockpredict.architectures import WrappedArchitecture
     from blockpredict.model import Model
 
     class SlowMean(torch.nn.Module):
-        '''3x3x3 mean filter that sleeps per block (not in the zero shape probe).'''
-        def __init__(self, delay):
+        '''3x3x3 mean filter that sleeps per block, and waits for a gate file if given.'''
+        def __init__(self, delay, gate):
             super().__init__()
-            self.delay = delay
+            self.delay, self.gate = delay, gate
         def forward(self, x):
-            if x.abs().sum() > 0:
+            if x.abs().sum() > 0:  # not in the zero shape probe
+                while self.gate and not os.path.exists(self.gate):
+                    time.sleep(0.05)
                 time.sleep(self.delay)
             return torch.nn.functional.avg_pool3d(x, 3, stride=1)
 
-    def build(delay=0.0):
-        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
+    def build(delay=0.0, gate=None):
+        arch = WrappedArchitecture(SlowMean(delay, gate), input_shape=Coordinate(10, 10, 10),
                                    num_in_channels=1, num_out_channels=1)
         return Model(arch, torch.nn.Identity())
     """
@@ -118,12 +120,12 @@ def slow(tmp_path: Path):
     data = np.random.default_rng(0).random((26, 26, 26), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
 
-    def workflow(delay: float, n_workers: int = 1, **output) -> Path:
+    def workflow(delay: float, n_workers: int = 1, gate: str | None = None, **output) -> Path:
         return write_workflow(
             tmp_path / "workflow.yaml",
             {
                 "input": {"container": "in.zarr", "dataset": "raw"},
-                "model": {"factory": "slow:build", "kwargs": {"delay": delay}},
+                "model": {"factory": "slow:build", "kwargs": {"delay": delay, "gate": gate}},
                 "output": {"container": "out.zarr", "dataset": "pred", **output},
                 "cluster": {"type": "local", "n_workers": n_workers, "dashboard_address": ":0"},
                 "execution": {"grace_period": GRACE},
@@ -159,12 +161,21 @@ def test_output_that_is_or_holds_the_input_is_refused(slow, container, dataset, 
 
 def test_a_second_run_is_refused_even_with_overwrite_and_the_first_finishes(slow):
     tmp_path, data, workflow = slow
-    path = workflow(1.0, overwrite=True)
+    gate = tmp_path / "gate"  # blocks wait for it: the first run holds its lock meanwhile
+    path = workflow(0.0, gate=str(gate), overwrite=True)
     first = cli("predict", str(path), "--no-progress", cwd=tmp_path)
-    wait_for_ledger(tmp_path, 2)
+    lock = tmp_path / "out.zarr" / "pred.lock"
+    deadline = time.time() + 300
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert json.loads(lock.read_text())["pid"] == first.pid
+    status = run_cli("status", str(path), cwd=tmp_path)
+    assert f"running: pid {first.pid} on {socket.gethostname()}" in status.stdout
     second = run_cli("predict", str(path), "--no-progress", cwd=tmp_path)
     line = error_line(second)
     assert "another run writes this output" in line and f"pid {first.pid}" in line
+    assert first.poll() is None
+    gate.touch()
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert "27/27 done" in err
