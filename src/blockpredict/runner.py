@@ -260,9 +260,6 @@ def run(
                 if error and d.stop_reason is None:
                     d.stop_reason = "fail-fast"
                     d.report.fail_fast_error = error
-                    logger.error(
-                        "the first %d blocks all failed with: %s", execution.fail_fast, error
-                    )
                     d.cancel_all()
                 d.submit_more(window)
                 ledger.flush(every=2.0)
@@ -271,6 +268,10 @@ def run(
         finally:
             ledger.flush()
             bar.close()
+    if d.report.fail_fast_error:  # once, after the failures of the tasks in flight
+        logger.error(
+            "the first %d blocks all failed with: %s", execution.fail_fast, d.report.fail_fast_error
+        )
     report = d.report
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
