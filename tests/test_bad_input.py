@@ -357,7 +357,75 @@ def set_without_value(p: Project):
     return ["--set", "cluster.n_workers"], ["bad --set 'cluster.n_workers'"]
 
 
+BAD_FORWARD_FACTORY = """\
+import torch
+
+
+class Bad(torch.nn.Module):
+    def forward(self, x):
+        raise ValueError("shapes do not add up")
+
+
+def bad():
+    return Bad()
+
+
+def seven():
+    return torch.nn.Conv3d(1, 7, 3)
+"""
+
+
+def _factory(p: Project, name: str, out_channels: int) -> None:
+    (p.root / "bad_forward.py").write_text(BAD_FORWARD_FACTORY)
+    p.workflow["model"] = {
+        "factory": f"bad_forward:{name}",
+        "input_shape": [20, 20, 20],
+        "num_in_channels": 1,
+        "num_out_channels": out_channels,
+    }
+
+
+def probe_raises_value_error(p: Project):
+    _factory(p, "bad", 1)
+    return [], ["the model fails", "ValueError: shapes do not add up"]
+
+
+def factory_returns_more_channels(p: Project):
+    _factory(p, "seven", 4)
+    return [], ["the model returns 7 channels, the workflow declares 4"]
+
+
+def set_malformed_value(p: Project):
+    return ["--set", "output.roi={offset: [0"], ["malformed --set value for output.roi"]
+
+
+def output_under_proc(p: Project):
+    p.workflow["output"]["container"] = "/proc/blockpredict-out.zarr"
+    return [], ["the output cannot be written", "/proc"]
+
+
+def output_below_a_file(p: Project):
+    p.workflow["output"]["container"] = "model.pt/out.zarr"
+    return [], ["the output cannot be written", "model.pt is not a folder"]
+
+
+def output_is_input(p: Project):
+    p.workflow["output"] = {"container": "data.zarr", "dataset": "raw", "overwrite": True}
+    return [], ["the output is the input"]
+
+
+def report_unwritable(p: Project):
+    return ["--report", "/proc/report.json"], ["the report cannot be written", "/proc"]
+
+
 CASES: list[Case] = [
+    probe_raises_value_error,
+    factory_returns_more_channels,
+    set_malformed_value,
+    output_under_proc,
+    output_below_a_file,
+    output_is_input,
+    report_unwritable,
     missing_input_container,
     missing_input_dataset,
     channel_mismatch,
@@ -453,6 +521,20 @@ def test_debug_shows_a_traceback(project: Project) -> None:
     assert "input container not found" in result.stderr.strip().splitlines()[-1]
     assert not project.output.exists()
     assert not project.report.exists()
+
+
+def test_debug_shows_the_chained_cause(project: Project) -> None:
+    probe_raises_value_error(project)
+    result = project.predict("--debug")  # after the command
+    assert result.returncode != 0
+    assert "ValueError: shapes do not add up" in result.stderr
+    assert "ModelError" in result.stderr.strip().splitlines()[-1]
+
+
+def test_plan_checks_output_location(project: Project) -> None:
+    for case in (output_under_proc, output_below_a_file, output_is_input):
+        extra, phrases = case(project)
+        assert_rejected(project.plan(*extra), project, *phrases)
 
 
 def test_bad_input_fails_fast(project: Project) -> None:

@@ -135,7 +135,7 @@ def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
     predict_workflow(load_workflow(path), progress=False)
     changed = ["output.roi={offset: [1, 1, 1], shape: [16, 16, 16]}"]
     with pytest.raises(
-        BlockpredictError, match=r"geometry changed since the ledger was written \(plan\)"
+        BlockpredictError, match=r"geometry changed since the ledger was written: plan \("
     ):
         predict_workflow(load_workflow(path, changed), progress=False)
     report = predict_workflow(

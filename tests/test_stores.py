@@ -167,7 +167,7 @@ def test_s3_run_equals_a_local_run_and_a_rerun_skips_every_block(setup):
     path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
     remote = predict(path)
     assert local["blocks_processed"] == remote["blocks_processed"] == 64
-    got = read_url(f"s3://{bucket}/out.zarr/pred")
+    got = read_url(f"s3://{bucket}/out.zarr/pred/s0")
     np.testing.assert_array_equal(got, read_output(tmp_path / "out.zarr" / "pred"))
     np.testing.assert_allclose(got[0], expected(data), atol=1e-6)
     ledger = read_url(f"s3://{bucket}/out.zarr/pred-ledger")
@@ -203,7 +203,7 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["blocks_processed"] == 64 and report["blocks_failed"] == 0
     np.testing.assert_allclose(
-        read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6
+        read_url(f"s3://{bucket}/out.zarr/pred/s0")[0], expected(data), atol=1e-6
     )
 
 
@@ -222,7 +222,7 @@ def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpo
     assert proxy.failures >= 10  # the run really met errors
     assert report["blocks_processed"] == 64 and report["retries"] == 0
     np.testing.assert_allclose(
-        read_url(f"s3://{bucket}/out.zarr/pred")[0], expected(data), atol=1e-6
+        read_url(f"s3://{bucket}/out.zarr/pred/s0")[0], expected(data), atol=1e-6
     )
 
 

@@ -42,12 +42,15 @@ def build_model(config: ModelConfig) -> Model:
                 architecture = _architecture(config)
                 head = _head(config, architecture, state)
                 model = Model(architecture, head, eval_activation=activation)
-        except RuntimeError as e:  # the dummy forward of Model() on a zero input
+        except ModelError:
+            raise
+        except Exception as e:  # the dummy forward of Model() on a zero input
+            first = str(e).strip().splitlines()
             raise ModelError(
-                f"the model fails on a zero input: {str(e).splitlines()[0]}",
+                f"the model fails on a zero input: {type(e).__name__}: {first[0] if first else ''}",
                 "model.factory" if config.factory else "model",
                 "check input_shape, num_in_channels and the model",
-            ) from None
+            ) from e
     if state is not None:
         load_strict(model, state, str(config.checkpoint))
     return model.eval()
@@ -154,6 +157,13 @@ MODEL_API = (
 def check_model_api(model: object) -> None:
     """Refuse an object without the seed's attributes and methods, naming what it lacks."""
     missing = [name for name in MODEL_API if not hasattr(model, name)]
+    if missing and isinstance(model, torch.nn.Module):
+        raise ModelError(
+            f"a plain {type(model).__name__} is not a Model (it lacks {', '.join(missing)})",
+            "predict(model)",
+            "wrap it: Model(WrappedArchitecture(module, input_shape=..., num_in_channels=..., "
+            "num_out_channels=...), torch.nn.Identity())",
+        )
     if missing:
         raise ModelError(
             f"{type(model).__name__} lacks {', '.join(missing)}",

@@ -1,4 +1,4 @@
-"""Command line: ``blockpredict predict | plan | submit | status | demo | bench``.
+"""Command line: ``blockpredict predict | plan | submit | status | unlock | demo | bench``.
 
 Bad input prints one line ``error: ...`` and exits with code 2 (a traceback
 only with ``--debug``); a run with failed blocks exits with code 1.
@@ -21,11 +21,9 @@ logger = logging.getLogger("blockpredict")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(args.debug))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
     if not args.debug:
         for noisy in ("distributed", "bokeh", "tornado", "botocore", "aiobotocore", "s3fs"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -33,19 +31,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BlockpredictError as e:
         if args.debug:
+            e.__suppress_context__ = False  # show the error it was raised from, in full
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if args.debug:  # the whole chain of causes, e.g. of a TorchScript error
+            raise
+        print(f"error: {describe_exception(e)}: rerun with --debug for details", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
+class _Formatter(logging.Formatter):
+    """``warning: ...`` and ``error: ...`` prefixes; levels and loggers with --debug."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s" if debug else "%(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.debug and record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        return text
+
+
+def describe_exception(e: BaseException) -> str:
+    """``Type: first line`` of an unexpected error (its chained causes only with --debug)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="blockpredict", description="Blockwise prediction of PyTorch models over zarr volumes."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"blockpredict {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     predict = sub.add_parser("predict", help="predict a whole volume")
@@ -81,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--out", type=Path, default=Path("preview.png"), help="the PNG to write")
     preview.set_defaults(func=_preview)
 
+    unlock = sub.add_parser("unlock", help="remove the lock a dead or far-away run left")
+    _workflow_args(unlock)
+    unlock.set_defaults(func=_unlock)
+
     bench = sub.add_parser("bench", help="measure start-up, dispatch rate and throughput")
     bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     bench.add_argument("--dir", type=Path, help="keep the bench data here (default: a temp dir)")
@@ -93,14 +124,24 @@ def _parser() -> argparse.ArgumentParser:
         "with this delay per request (needs moto[server], from the test extra)",
     )
     bench.set_defaults(func=_bench)
+    _debug_arg(bench)
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
     demo.add_argument("--dir", type=Path, default=Path("blockpredict-demo"), help="work folder")
     demo.set_defaults(func=_demo)
+    _debug_arg(demo)
     return parser
 
 
+def _debug_arg(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too (it keeps the top-level value when absent)."""
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+
+
 def _workflow_args(parser: argparse.ArgumentParser) -> None:
+    _debug_arg(parser)
     parser.add_argument("workflow", type=Path, help="workflow YAML file")
     parser.add_argument(
         "--set",
@@ -120,11 +161,33 @@ def _predict(args: argparse.Namespace) -> int:
     if args.progress_interval is not None:
         overrides.append(f"execution.progress_interval={args.progress_interval}")
     workflow = load_workflow(args.workflow, overrides)
-    report = predict_workflow(workflow, progress=not args.no_progress)
     if args.report:
-        report.write(args.report)
+        check_report_path(args.report)
+    report = predict_workflow(workflow, progress=not args.no_progress)
     print(report.summary(), file=sys.stderr)
+    if args.report:
+        try:
+            report.write(args.report)
+        except OSError as e:  # the run's outcome stands; only its report is lost
+            logger.warning("the report could not be written to %s: %s", args.report, e.strerror)
     return report.exit_code
+
+
+def check_report_path(path: Path) -> None:
+    """A report that cannot be written fails before the run, not after it."""
+    from .errors import ConfigError
+    from .workflow import writable_problem
+
+    if path.is_dir():
+        problem: str | None = "it is a folder"
+    elif path.exists():
+        problem = None if os.access(path, os.W_OK) else "not writable"
+    else:
+        problem = writable_problem(str(path.resolve().parent))
+    if problem:
+        raise ConfigError(
+            f"the report cannot be written: {problem}", str(path), "choose another --report path"
+        )
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -154,21 +217,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from .config import load_workflow
-    from .errors import InputError
     from .events import events_path, replay
     from .ledger import Ledger, ledger_path
+    from .lock import OutputLock, lock_path
     from .storage import output_path
 
     workflow = load_workflow(args.workflow, args.overrides)
-    path = ledger_path(output_path(workflow.output.container, workflow.output.dataset))
+    output = output_path(workflow.output.container, workflow.output.dataset)
+    path = ledger_path(output)
     options = workflow.output.storage_options
+    holder = OutputLock(output, options).holder()
+    if holder is not None:
+        print(f"running: {holder} (lock {lock_path(output)})")
     if not Ledger.exists(path, options):
-        raise InputError(
-            "no ledger: this workflow has not started", path, "run blockpredict predict"
-        )
+        from .workflow import prepare_workflow
+
+        total = prepare_workflow(workflow).plan.num_blocks
+        print(f"done: 0/{total} (not started)")
+        return 0
     ledger = Ledger.open(path, storage_options=options)
-    out = output_path(workflow.output.container, workflow.output.dataset)
-    replay(ledger, events_path(out))  # the log is current while a run goes on
+    replay(ledger, events_path(output))  # the log is current while a run goes on
     counts = ledger.counts()
     total = sum(counts.values())
     print(f"ledger: {path}")
@@ -196,6 +264,44 @@ def _preview(args: argparse.Namespace) -> int:
     where = f" at z = {layout.z}" if layout.z is not None else ""
     print(f"preview{where}: {args.out.resolve()} ({', '.join(layout.panels)})")
     return 0
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    from .config import load_workflow
+    from .errors import ConfigError
+    from .lock import OutputLock
+    from .storage import output_path
+
+    workflow = load_workflow(args.workflow, args.overrides)
+    out = workflow.output
+    lock = OutputLock(output_path(out.container, out.dataset), out.storage_options)
+    holder = lock.holder()
+    if holder is None:
+        print(f"not locked: {lock.path}")
+        return 0
+    if holder.on_this_host and holder.alive:
+        raise ConfigError(
+            f"the lock is held by a running process ({holder})",
+            lock.path,
+            f"stop that run first (kill -INT {holder.pid})",
+        )
+    lock.break_lock()
+    print(f"unlocked: {lock.path} (was {holder})")
+    return 0
+
+
+def _existing(prepared) -> str:  # type: ignore[no-untyped-def]
+    """What the run will do to an output that exists."""
+    from .ledger import Ledger, ledger_path
+    from .stores import exists
+
+    if prepared.resume:
+        options = prepared.output.storage_options
+        counts = Ledger.open(ledger_path(prepared.output_path), storage_options=options).counts()
+        return f"exists: resumes, {counts['done']}/{prepared.plan.num_blocks} done"
+    if exists(prepared.output_path, prepared.output.storage_options):
+        return "exists: overwrite: true deletes it"
+    return "created"
 
 
 def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
@@ -235,7 +341,7 @@ def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
             f"offset {c(plan.output_roi.offset)} shape {c(plan.output_roi.shape)} world",
         ),
         ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
-        ("output", f"{out.container}/{out.dataset}"),
+        ("output", f"{out.container}/{out.dataset} ({_existing(prepared)})"),
         *_describe_layout(prepared.output_info()),
         ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
     ]

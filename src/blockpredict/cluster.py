@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,23 +47,40 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         raise ConfigError(
             "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
         )
-    with (
-        LocalCluster(
+    with _workers_ignore_sigint():  # a terminal's Ctrl-C reaches the driver only
+        cluster = LocalCluster(
             n_workers=config.n_workers,
             threads_per_worker=config.threads_per_worker,
             processes=True,
             host="127.0.0.1",
             dashboard_address=loopback(config.dashboard_address),
             silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with cluster, Client(cluster) as client:
         yield client
 
 
 def loopback(address: str) -> str:
     """``:8787`` (all interfaces, for Dask) -> ``127.0.0.1:8787``: a local cluster stays local."""
     return "127.0.0.1" + address if address.startswith(":") else address
+
+
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (they inherit it across exec).
+
+    Ctrl-C in a terminal signals the whole process group; the driver alone
+    decides how a run stops (see the runner), so workers must not die of it.
+    """
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: workers are not in a terminal's group then
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _has_cuda() -> bool:

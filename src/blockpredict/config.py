@@ -33,6 +33,8 @@ class Strict(BaseModel):
 
 S = TypeVar("S", bound=Strict)
 
+README_WORKFLOW = "see 'The workflow file' in the README"
+
 
 class Scaling(Strict):
     """Explicit normalization: ``value * scale + shift``."""
@@ -304,7 +306,7 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"malformed YAML: {problem}", line, "fix the syntax") from None
     if not isinstance(raw, dict):
-        raise ConfigError("workflow must be a mapping", where, "see workflows/example.yaml")
+        raise ConfigError("workflow must be a mapping", where, README_WORKFLOW)
     for item in overrides or []:
         apply_override(raw, item)
     workflow = validate_workflow(raw, where, path.resolve().parent)
@@ -322,7 +324,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {key}: {part} is not a mapping", "command line")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"malformed --set value for {key}: {problem}", "command line", "write it as YAML"
+        ) from None
 
 
 def validate_workflow(
@@ -356,19 +364,26 @@ def validate_section(kind: type[S], raw: Any, section: str) -> S:
 def _config_error(error: ValidationError, where: str, prefix: tuple[str, ...] = ()) -> ConfigError:
     first = error.errors()[0]
     loc = [*prefix] + [
-        str(p) for p in first["loc"] if not str(p).startswith(("function-", "tagged-"))
+        str(p)
+        for p in first["loc"]
+        if not str(p).startswith(("function-", "tagged-", "literal[")) and not _is_model_name(p)
     ]
     key = ".".join(loc) or "workflow"
     if first["type"] == "extra_forbidden":
         hint = _did_you_mean(loc)
         return ConfigError(f"unknown key {key!r}", where, hint)
     if first["type"] == "missing":
-        return ConfigError(f"missing key {key!r}", where, "add it (see workflows/example.yaml)")
+        return ConfigError(f"missing key {key!r}", where, f"add it ({README_WORKFLOW})")
     message = first["msg"].removeprefix("Value error, ")
     got = "" if first["type"] == "value_error" else f" (got {_short(first.get('input'))})"
     return ConfigError(
-        f"invalid value for {key}: {message}{got}", where, "see workflows/example.yaml"
+        f"invalid value for {key}: {message}{got}", where, README_WORKFLOW
     )
+
+
+def _is_model_name(part: Any) -> bool:
+    """A union member's class name (e.g. ``Scaling``) in an error location: not a key."""
+    return isinstance(part, str) and part[:1].isupper()
 
 
 def _short(value: Any, limit: int = 60) -> str:

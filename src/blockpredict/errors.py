@@ -42,3 +42,7 @@ class GeometryError(BlockpredictError, ValueError):
 
 class OutputExistsError(BlockpredictError, FileExistsError):
     """The output exists and ``overwrite`` is false."""
+
+
+class OutputError(BlockpredictError, OSError):
+    """The output cannot be written where the workflow puts it."""

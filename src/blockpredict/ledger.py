@@ -89,10 +89,12 @@ class Ledger:
         stored = dict(array.attrs.get("geometry", {}))
         if geometry is not None and array.attrs.get("geometry_hash") != geometry_hash(geometry):
             changed = [
-                k for k in sorted(set(stored) | set(geometry)) if stored.get(k) != geometry.get(k)
+                _change(k, stored.get(k), geometry.get(k))
+                for k in sorted(set(stored) | set(geometry))
+                if stored.get(k) != geometry.get(k)
             ]
             raise LedgerMismatchError(
-                f"the geometry changed since the ledger was written ({', '.join(changed)})",
+                f"the model or geometry changed since the ledger was written: {'; '.join(changed)}",
                 path,
                 "set output.overwrite: true to start over, or restore the workflow",
             )
@@ -133,6 +135,13 @@ class Ledger:
             self._stored_offset = self.journal_offset
         self._dirty_chunks.clear()
         self._last_flush = time.monotonic()
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """``key`` and, where both fit in a line, ``old -> new``."""
+    if key != "model_weights" and len(repr(old)) + len(repr(new)) > 80:
+        return key
+    return f"{key} {json.dumps(old)} -> {json.dumps(new)}"
 
 
 def geometry_hash(geometry: dict[str, Any]) -> str:

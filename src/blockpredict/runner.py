@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from itertools import islice
 
 from distributed import Client, as_completed, wait
+from distributed.client import FuturesCancelledError
 
 from .config import ExecutionConfig
 from .errors import BlockpredictError
@@ -88,6 +89,8 @@ class Dispatcher:
         self.submitted = 0  # tasks so far: every task gets a key of its own
         self.first_outcomes: list[str | None] = []
         self.stop_reason: str | None = None
+        self.stop_now = False  # a second SIGINT/SIGTERM: cancel everything at once
+        self.drained = False  # after a stop, tasks not yet running were cancelled
         self.worker_names: set[str] = set()
 
     def submit_more(self, window: int) -> None:
@@ -154,8 +157,9 @@ class Dispatcher:
     def wait_any(self, timeout: float) -> None:
         """Block until a task finishes or ``timeout`` passes (signals and timeouts get a turn)."""
         try:
-            wait(list(self.futures.futures), timeout=timeout, return_when="FIRST_COMPLETED")
-        except TimeoutError:
+            live = [self.task_of[ids[0]] for ids in self.owner.values()]  # none cancelled
+            wait(live, timeout=timeout, return_when="FIRST_COMPLETED")
+        except (TimeoutError, FuturesCancelledError):
             pass
 
     def check_timeouts(self) -> None:
@@ -191,6 +195,18 @@ class Dispatcher:
         if n and len(outcomes) >= n and outcomes[0] is not None and len(set(outcomes[:n])) == 1:
             return outcomes[0]
         return None
+
+    def cancel_waiting(self) -> None:
+        """After a stop: cancel the tasks no worker has started; running ones may finish."""
+        self.drained = True
+        running = self.client.run(running_blocks, on_error="return")
+        started = {i for blocks in running.values() if isinstance(blocks, dict) for i in blocks}
+        waiting = [self.task_of[ids[0]] for ids in self.owner.values() if not started & set(ids)]
+        for future in waiting:
+            for i in self.owner.pop(future.key, []):  # type: ignore[attr-defined]
+                self.task_of.pop(i, None)
+        if waiting:
+            self.client.cancel(waiting, force=True)
 
     def cancel_all(self) -> None:
         self.client.cancel(list(self.futures.futures), force=True)
@@ -232,7 +248,9 @@ def run(
                 now = time.perf_counter()
                 if d.stop_reason and grace_end == math.inf:
                     grace_end = now + execution.grace_period
-                if now > grace_end:
+                if d.stop_reason and not d.drained:
+                    d.cancel_waiting()
+                if now > grace_end or d.stop_now:
                     logger.warning("grace period over: cancelling %d tasks", len(d.owner))
                     d.cancel_all()
                 if now >= next_timeout_check:
@@ -245,9 +263,6 @@ def run(
                 if error and d.stop_reason is None:
                     d.stop_reason = "fail-fast"
                     d.report.fail_fast_error = error
-                    logger.error(
-                        "the first %d blocks all failed with: %s", execution.fail_fast, error
-                    )
                     d.cancel_all()
                 d.submit_more(window)
                 ledger.flush(every=2.0)
@@ -257,6 +272,10 @@ def run(
         finally:
             observer.tick()
             ledger.flush()
+    if d.report.fail_fast_error:  # once, after the failures of the tasks in flight
+        logger.error(
+            "the first %d blocks all failed with: %s", execution.fail_fast, d.report.fail_fast_error
+        )
     report = d.report
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
@@ -303,9 +322,12 @@ def _stop_on_signals(dispatcher: Dispatcher) -> Iterator[None]:
         name = signal.Signals(signum).name
         if dispatcher.stop_reason is None:
             logger.warning(
-                "%s: finishing %d in-flight tasks, then stopping", name, len(dispatcher.owner)
+                "%s: finishing the running blocks, then stopping (again to stop at once)", name
             )
-        dispatcher.stop_reason = name
+            dispatcher.stop_reason = name
+        elif not dispatcher.stop_now:
+            logger.warning("%s again: stopping at once", name)
+            dispatcher.stop_now = True
 
     try:
         previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
@@ -314,5 +336,27 @@ def _stop_on_signals(dispatcher: Dispatcher) -> Iterator[None]:
     try:
         yield
     finally:
+        stopped = dispatcher.stop_reason in ("SIGINT", "SIGTERM")
+        for s, h in previous.items():  # after a stop, the cluster closes in peace
+            signal.signal(s, _closing if stopped else h)
+
+
+def _closing(signum: int, frame: object) -> None:
+    logger.warning("%s: already stopping, closing the cluster", signal.Signals(signum).name)
+
+
+@contextmanager
+def signals_restored() -> Iterator[None]:
+    """Give SIGINT/SIGTERM back their handlers when the run and its cluster are over."""
+    try:
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    except ValueError:
+        previous = {}
+    try:
+        yield
+    finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            try:
+                signal.signal(s, h)  # type: ignore[arg-type]
+            except ValueError:  # not the main thread
+                break

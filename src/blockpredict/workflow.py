@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,13 @@ from .config import (
     resolve_container,
     validate_section,
 )
-from .errors import GeometryError, ModelError
+from .errors import ConfigError, GeometryError, ModelError, OutputError
 from .events import events_path, replay
 from .events import reset as reset_events
+from .fingerprint import model_fingerprint
 from .layout import describe_output
 from .ledger import Ledger, ledger_path
+from .lock import OutputLock
 from .plan import BlockPlan, make_plan
 from .report import RunReport
 from .storage import (
@@ -59,6 +63,7 @@ class Prepared:
     model: Any  # a ModelConfig for the workers to rebuild, or a Model object
     resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
     warnings: tuple[str, ...] = ()  # about the model, for plan to print
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what decides the values
 
     @property
     def output_path(self) -> str:
@@ -82,6 +87,7 @@ class Prepared:
             "num_out_channels": self.num_out_channels,
             "chunks": list(self.plan.write_shape),
             "layout": _layout_dict(self.output_info()),
+            **self.fingerprint,
         }
 
     def output_nbytes(self) -> int:
@@ -105,7 +111,10 @@ def prepare(
         input.container, input.dataset, input.voxel_size, input.offset, input.storage_options
     )
     info = replace(info, cache_bytes=input.chunk_cache_mib << 20)
-    normalization(info.dtype, input.normalize)
+    scaling = normalization(info.dtype, input.normalize)
+    out_path = output_path(output.container, output.dataset)
+    check_not_input(info.path, out_path)
+    check_writable(out_path)
     if info.num_channels != model.num_in_channels:
         raise ModelError(
             f"input has {info.num_channels} channels, the model expects {model.num_in_channels}",
@@ -126,7 +135,7 @@ def prepare(
             f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
             "model",
             "check the declared input_shape and eval_shape_increase",
-        ) from None
+        ) from e
     model_dims = eval_input_shape.dims
     vin = info.voxel_size
     vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
@@ -154,9 +163,102 @@ def prepare(
     warnings = _model_warnings(model)
     for warning in warnings:
         logger.warning(warning)
-    prepared = Prepared(info, output, plan, int(channels), model_source, warnings=warnings)
+    _check_channels(model_source, int(channels))
+    _warn_unbounded(model, output.dtype)
+    fingerprint = model_fingerprint(model, model_source, scaling)
+    prepared = Prepared(
+        info,
+        output,
+        plan,
+        int(channels),
+        model_source,
+        warnings=warnings,
+        fingerprint=fingerprint,
+    )
     prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def check_not_input(input_path: str, out_path: str) -> None:
+    """The input is only ever read: refuse an output or ledger that is, holds or lies in it.
+
+    Local paths are compared resolved (``..``, symbolic links); URLs as written.
+    """
+    source = _resolved(input_path)
+    for what, path in (("output", out_path), ("ledger", ledger_path(out_path))):
+        target = _resolved(path)
+        if target == source or _inside(target, source) or _inside(source, target):
+            relation = "is"
+            if target != source:
+                relation = "contains" if _inside(source, target) else "lies inside"
+            raise ConfigError(
+                f"the {what} {relation} the input {input_path}",
+                f"output.container/output.dataset {out_path}",
+                "write the output to another dataset or container",
+            )
+
+
+def _resolved(path: str) -> str:
+    return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/" + os.sep) + "/")
+
+
+def check_writable(out_path: str) -> None:
+    """The output's folder can be created and written (tried, then removed).
+
+    A URL output is checked against its store instead (``stores.check_container``).
+    """
+    if is_url(out_path):
+        return
+    problem = writable_problem(os.path.dirname(os.path.abspath(out_path)))
+    if problem:
+        raise OutputError(
+            f"the output cannot be written: {problem}",
+            "output.container",
+            "choose a writable location",
+        )
+
+
+def writable_problem(folder: str) -> str | None:
+    """Why files cannot be made in ``folder`` (or the folders to create there), or None."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
+
+
+def _warn_unbounded(model: Any, dtype: str) -> None:
+    """uint8 stores [0, 1] as 0..255: values of an unbounded activation are clipped."""
+    activation = getattr(model, "eval_activation", None)
+    name = type(activation).__name__ if activation is not None else "none"
+    if dtype == "uint8" and name not in ("Sigmoid", "Softmax"):
+        logger.warning(
+            "output.dtype is uint8, which stores [0, 1] as 0..255, but the model's "
+            "activation (%s) is not bounded to [0, 1]: values outside are clipped; "
+            "set model.eval_activation: sigmoid or output.dtype: float32",
+            name,
+        )
+
+
+def _check_channels(model_source: Any, channels: int) -> None:
+    """A declared ``num_out_channels`` must be what the model's shape probe returned."""
+    declared = getattr(model_source, "num_out_channels", None)
+    if isinstance(declared, int) and declared != channels:
+        raise ModelError(
+            f"the model returns {channels} channel{'s' * (channels != 1)}, "
+            f"the workflow declares {declared}",
+            "model.num_out_channels",
+            f"set num_out_channels: {channels} or fix the model",
+        )
 
 
 def _output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, Coordinate]:
@@ -254,7 +356,7 @@ def execute(
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
     from .dashboard import install, page_url
-    from .runner import run
+    from .runner import run, signals_restored
 
     out = prepared.output
     plan = prepared.plan
@@ -269,8 +371,11 @@ def execute(
         threads=torch_threads(cluster),
     )
     install()  # our page, in the dashboard of the scheduler that connect() starts
+    # the lock first (a second run is refused), then the cluster: an unreachable one writes nothing
     with (
-        connect(cluster) as client,  # before writing: an unreachable cluster writes nothing
+        OutputLock(prepared.output_path, out.storage_options),
+        signals_restored(),
+        connect(cluster) as client,
         page_url(client, own_scheduler=cluster.type != "address") as page,
     ):
         logger.info("dashboard: %s", client.dashboard_link)
