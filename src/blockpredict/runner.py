@@ -28,12 +28,11 @@ from .errors import BlockpredictError
 from .ledger import DONE, FAILED, Ledger
 from .plan import morton_order
 from .report import FailedBlock, PhaseTimes, RunReport
+from .job import BlockResult, Job, describe
+from .sizing import TaskSizer
 from .worker import (
     PLUGIN_NAME,
-    BlockResult,
-    Job,
     ModelPlugin,
-    describe,
     kill_this_worker,
     process_blocks,
     running_blocks,
@@ -82,24 +81,38 @@ class Dispatcher:
         self.first_outcomes: list[str | None] = []
         self.stop_reason: str | None = None
         self.worker_names: set[str] = set()
+        self.sizer = TaskSizer(execution.blocks_per_task, execution.batch_size)
+        self.taken = 0  # blocks taken from the pending order so far
 
     def submit_more(self, window: int) -> None:
-        while len(self.owner) < window and self.stop_reason is None:
+        """Fill the window; the new tasks go to the scheduler in one message."""
+        tasks: list[list[int]] = []
+        while len(self.owner) + len(tasks) < window and self.stop_reason is None:
             ids = self._next_ids()
             if not ids:
-                return
+                break
+            tasks.append(ids)
+        if not tasks:
+            return
+        keys = []
+        for ids in tasks:
             self.submitted += 1
-            key = f"blocks-{self.token}-{self.submitted}-{ids[0]}"
-            future = self.client.submit(process_blocks, ids, key=key, pure=False)
+            keys.append(f"blocks-{self.token}-{self.submitted}-{ids[0]}")
+        futures = self.client.map(process_blocks, tasks, key=keys, pure=False)
+        for ids, future in zip(tasks, futures, strict=True):
             self.owner[future.key] = ids
             self.task_of.update(dict.fromkeys(ids, future))
-            self.futures.add(future)
+        self.futures.update(futures)
 
     def _next_ids(self) -> list[int]:
-        n = self.execution.blocks_per_task
+        report = self.report
+        remaining = report.blocks_total - report.blocks_skipped - self.taken + len(self.retry)
+        n = self.sizer.size(remaining)
         if self.retry:
             return [self.retry.popleft() for _ in range(min(n, len(self.retry)))]
-        return list(islice(self.order, n))
+        ids = list(islice(self.order, n))
+        self.taken += len(ids)
+        return ids
 
     def collect(self, future) -> None:  # type: ignore[no-untyped-def]
         ids = self.owner.pop(future.key, None)
@@ -125,6 +138,7 @@ class Dispatcher:
             report.blocks_processed += 1
             self.worker_names.add(result.worker)
             self.phases.add(result)
+            self.sizer.observe(result)
             self.bar.update(1)
             return
         self.attempts[block_id] = self.attempts.get(block_id, 0) + 1
@@ -220,6 +234,7 @@ def run(
     d = Dispatcher(client, job, ledger, execution, bar)
     d.report.blocks_skipped = skipped
     d.report.workers = len(workers)
+    d.sizer.workers = max(len(workers), expected_threads)
     grace_end = math.inf
     next_timeout_check = time.perf_counter()
     with _stop_on_signals(d):

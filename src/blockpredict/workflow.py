@@ -29,6 +29,7 @@ from .config import (
 from .errors import GeometryError, ModelError
 from .ledger import Ledger, ledger_path
 from .plan import BlockPlan, make_plan
+from .precision import check_precision
 from .report import RunReport
 from .storage import (
     InputInfo,
@@ -39,7 +40,7 @@ from .storage import (
     output_path,
     prepare_output,
 )
-from .worker import Job, describe
+from .job import Job, describe
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,11 @@ def execute(
         model=prepared.model,
         device=cluster.device,
         threads=torch_threads(cluster),
+        batch_size=execution.batch_size,
+        precision=execution.precision,
+        compile=execution.compile,
     )
+    check_precision(execution.precision, cluster.device, cluster.gpus_per_job > 0)
     with connect(cluster) as client:  # before writing: an unreachable cluster writes nothing
         logger.info("dashboard: %s", client.dashboard_link)
         if prepared.resume:
