@@ -6,17 +6,25 @@ Speed itself is measured by ``blockpredict bench``, never here.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from conftest import make_input, max_abs_diff, read_output, volume_of, write_workflow
 from distributed import Client
 
+from blockpredict.build import build_model
 from blockpredict.cluster import connect
-from blockpredict.config import ClusterConfig
+from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
+from blockpredict.pipeline import Forward, Pipeline
+from blockpredict.precision import TOLERANCE
+from blockpredict.sizing import TaskSizer
 from blockpredict.submit import driver_script
+from blockpredict.workflow import predict_workflow
 
 VARS = (*ALLOCATOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLOCKPREDICT_EXTRA")
 
@@ -81,3 +89,119 @@ def test_one_worker_per_gpu_each_sees_only_its_own():
         with Client(cluster) as client:
             seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(seen.values()) == ["0", "1"]
+
+
+# --- the pipelined worker ---------------------------------------------------------------
+
+UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
+
+
+def _unet_run(root: Path, address: str, name: str, **execution: object) -> np.ndarray:
+    write_workflow(
+        root / f"{name}.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": name},
+            "cluster": {"type": "address", "address": address},
+            "execution": execution,
+        },
+    )
+    report = predict_workflow(load_workflow(root / f"{name}.yaml"), progress=False)
+    assert report.blocks_failed == 0 and report.blocks_processed == report.blocks_total
+    return read_output(root / "out.zarr" / name)
+
+
+def test_pipelined_auto_sized_and_batched_runs_equal_one_block_at_a_time(tmp_path, cluster_address):
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((60, 60, 60)), (1, 1, 1))
+    one = _unet_run(tmp_path, cluster_address, "one", blocks_per_task=1, batch_size=1)
+    auto = _unet_run(tmp_path, cluster_address, "auto")  # the default: auto, pipelined
+    many = _unet_run(tmp_path, cluster_address, "many", blocks_per_task=7)
+    assert np.array_equal(one, auto) and np.array_equal(one, many)  # bit for bit
+    batched = _unet_run(tmp_path, cluster_address, "batched", batch_size=4, blocks_per_task=7)
+    # torch's CPU convolution picks other kernels for a batch of 4 (3e-8 measured): fp32 rounding
+    assert max_abs_diff(one, batched) <= 1e-6
+    bf16 = _unet_run(tmp_path, cluster_address, "bf16", precision="bf16")
+    assert 0 < max_abs_diff(one, bf16) <= TOLERANCE["bf16"]
+
+
+def _model(out_channels: int = 2) -> torch.nn.Module:
+    return build_model(ModelConfig.model_validate({"unet": UNET, "head": {"out_channels": 2}}))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_stays_within_its_tolerance(precision):
+    """fp16 runs only on CUDA in a real run; its numerics are checked here through CPU autocast."""
+    model = _model().eval()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(2)]
+    exact = Forward(model, torch.device("cpu"), (12, 12, 12), 3)(blocks)
+    reduced = Forward(model, torch.device("cpu"), (12, 12, 12), 3, precision)(blocks)
+    for a, b in zip(exact, reduced, strict=True):
+        assert b.dtype == np.float32
+        assert 0 < max_abs_diff(a, b) <= TOLERANCE[precision]
+
+
+def test_the_cuda_staging_path_on_the_cpu():
+    """Pinned-buffer staging (forced on the CPU): same values, and outputs are not overwritten
+    by the next forward while the writer may still hold them (a ring of two buffers)."""
+    model = _model().eval()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    plain = Forward(model, torch.device("cpu"), (12, 12, 12), 3)
+    staged = Forward(model, torch.device("cpu"), (12, 12, 12), 3, staging=True)
+    first = staged([blocks[0]])[0]
+    kept = first.copy()
+    second = staged([blocks[1]])[0]
+    assert np.array_equal(first, kept)  # the previous output is intact
+    assert np.array_equal(second, plain([blocks[1]])[0])
+    assert np.array_equal(first, plain([blocks[0]])[0])
+
+
+def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
+    written: dict[int, float] = {}
+
+    def read(block_id: int) -> np.ndarray:
+        if block_id == 3:
+            raise OSError("unreadable chunk")
+        return np.full((1, 2), float(block_id), np.float32)
+
+    def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+        if any(b[0, 0] == 5 for b in batch):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [b * 2 for b in batch]
+
+    def write(block_id: int, prediction: np.ndarray) -> None:
+        if block_id == 7:
+            raise PermissionError("read-only store")
+        written[block_id] = float(prediction[0, 0])
+
+    running: set[int] = set()
+    pipeline = Pipeline(
+        read, forward, write, batch_size=4, started=running.add, finished=running.discard
+    )
+    try:
+        results = pipeline.run(list(range(10)))
+        again = pipeline.run([11, 12])  # the stages stay usable for the next task
+    finally:
+        pipeline.close()
+    assert [r.block_id for r in results] == list(range(10))
+    errors = {r.block_id: r.error for r in results if r.error}
+    assert set(errors) == {3, 5, 7}
+    assert errors[3].startswith("OSError") and errors[5].startswith("RuntimeError")
+    assert errors[7].startswith("PermissionError")
+    assert written == {i: 2.0 * i for i in (0, 1, 2, 4, 6, 8, 9, 11, 12)}
+    assert all(r.error is None for r in again)
+    assert not running  # every block was let go, failed or not
+
+
+def test_task_sizes_auto_and_forced():
+    forced = TaskSizer(5)
+    assert forced.size(remaining=1000) == 5
+    sizer = TaskSizer("auto", batch_size=2, workers=2)
+    assert sizer.size(remaining=1000) == 2  # nothing measured yet: one batch
+    tiny = BlockResult(0, read=0.0003, compute=0.0001, write=0.001)
+    sizer.observe(tiny)
+    assert sizer.size(remaining=100_000) >= 200  # tiny blocks: the per-task cost dominates
+    assert sizer.size(remaining=8) == 2  # the end of the run: a share for every worker
+    slow = TaskSizer("auto", workers=2)
+    slow.observe(BlockResult(0, read=0.015, compute=0.6, write=0.04))
+    assert 3 <= slow.size(remaining=1000) <= 10
