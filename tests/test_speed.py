@@ -6,6 +6,8 @@ Speed itself is measured by ``blockpredict bench``, never here.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,41 @@ def test_task_sizes_auto_and_forced():
     slow = TaskSizer("auto", workers=2)
     slow.observe(BlockResult(0, read=0.015, compute=0.6, write=0.04))
     assert 3 <= slow.size(remaining=1000) <= 10
+
+
+@pytest.mark.parametrize(
+    "override, phrases",
+    [
+        ("execution.batch_size=0", ["execution.batch_size", "greater than or equal to 1"]),
+        ("execution.precision=fp8", ["execution.precision", "'fp32', 'fp16' or 'bf16'"]),
+        ("execution.blocks_per_task=0", ["execution.blocks_per_task"]),
+        ("cluster.worker_env={OMP_NUM_THREADS: 4}", ["cluster.worker_env.OMP_NUM_THREADS"]),
+        ("cluster.worker_env=[A]", ["cluster.worker_env", "valid dictionary"]),
+        (
+            "execution.precision=fp16",
+            ["precision fp16 cannot run on cpu", "fp16 needs a CUDA device", "use fp32 or bf16"],
+        ),
+    ],
+)
+def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases):
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (1, 1, 1))
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"device": "cpu"},
+        },
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "predict", str(path), "--set", override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(p in lines[0] for p in phrases), lines[0]
+    assert not (tmp_path / "out.zarr").exists()
