@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     bench.add_argument("--dir", type=Path, help="keep the bench data here (default: a temp dir)")
     bench.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench.add_argument("--repeat", type=int, help="runs per figure, medians (default 3, quick 1)")
+    bench.add_argument(
+        "--device-ms", type=float, help="also run a simulated device whose forward sleeps D ms"
+    )
+    bench.add_argument(
+        "--simulate-workers", type=int, help="dispatch rate of N in-process simulated workers"
+    )
     bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
@@ -197,7 +204,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import format_results, run_bench
 
-    results = run_bench(args.dir, args.quick)
+    results = run_bench(
+        args.dir, args.quick, args.repeat, args.device_ms, args.simulate_workers
+    )
     print(format_results(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -210,15 +210,17 @@ def run(
     execution: ExecutionConfig,
     progress: bool = True,
     expected_threads: int = 0,
+    plugin: ModelPlugin | None = None,
 ) -> RunReport:
     """Process every pending block of ``job.plan`` on ``client``'s workers.
 
     ``expected_threads`` sizes the window for workers that are still arriving
-    (batch clusters), so adaptive scaling sees enough queued work.
+    (batch clusters), so adaptive scaling sees enough queued work. ``plugin``
+    replaces the model plugin (the bench's simulated device).
     """
     plan = job.plan
     start = time.perf_counter()
-    _register(client, job)
+    _register(client, plugin or ModelPlugin(job))
     workers = client.scheduler_info(n_workers=-1)["workers"]
     threads = sum(w["nthreads"] for w in workers.values()) or 1
     window = max(8, 4 * max(threads, expected_threads))
@@ -278,9 +280,9 @@ def run(
     return report
 
 
-def _register(client: Client, job: Job) -> None:
+def _register(client: Client, plugin: ModelPlugin) -> None:
     """Load the model on every worker; a model that fails to load stops the run here."""
-    results = client.register_plugin(ModelPlugin(job), name=PLUGIN_NAME) or {}
+    results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
     for worker, result in results.items():
         if isinstance(result, dict) and result.get("status") == "error":
             error = result.get("exception")
