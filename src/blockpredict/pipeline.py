@@ -13,6 +13,11 @@ error and the others go on; a batch whose forward raises is retried one block
 at a time so only the culprit fails. A block counts as done only when its
 write returned (the runner's ledger rule).
 
+``started(block_id)`` is called when a block's read begins and again when its
+forward begins, ``finished(block_id)`` after its write (or failure): the worker
+times blocks from these for ``block_timeout``, so a block read ahead is not
+charged for the forward it waits for.
+
 The stages reach storage only through two callables, ``read(block_id)`` and
 ``write(block_id, prediction)``, so storage can change how it reads and writes.
 """
@@ -235,6 +240,8 @@ class Pipeline:
         ready = [b for b in blocks if b.error is None]
         if not ready:
             return
+        for b in ready:  # block_timeout counts from here: waiting for the forward is not running
+            self.started(b.block_id)
         t0 = time.perf_counter()
         try:
             outputs = self.forward([b.data for b in ready])  # type: ignore[misc]
