@@ -177,8 +177,14 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
         written[block_id] = float(prediction[0, 0])
 
     running: set[int] = set()
+    starts: list[int] = []
+
+    def started(block_id: int) -> None:
+        running.add(block_id)
+        starts.append(block_id)
+
     pipeline = Pipeline(
-        read, forward, write, batch_size=4, started=running.add, finished=running.discard
+        read, forward, write, batch_size=4, started=started, finished=running.discard
     )
     try:
         results = pipeline.run(list(range(10)))
@@ -193,6 +199,8 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
     assert written == {i: 2.0 * i for i in (0, 1, 2, 4, 6, 8, 9, 11, 12)}
     assert all(r.error is None for r in again)
     assert not running  # every block was let go, failed or not
+    # block_timeout's clock restarts at the forward: a block read ahead is not charged for waiting
+    assert starts.count(0) == 2 and starts.count(3) == 1  # 3 never reached its forward
 
 
 def test_task_sizes_auto_and_forced():

@@ -254,7 +254,7 @@ def bench_device(folder: Path, device_ms: float, quick: bool, repeats: int) -> d
 
 
 def bench_simulated_cluster(
-    folder: Path, workers: int, device_ms: float, repeats: int
+    folder: Path, workers: int, device_ms: float, repeats: int, seconds: float = 8.0
 ) -> list[dict[str, Any]]:
     """Dispatch rate of N in-process workers with a simulated device, against N / device time.
 
@@ -276,7 +276,7 @@ def bench_simulated_cluster(
     rows = []
     for n in sorted({max(1, workers // 4), max(1, workers // 2), workers}):
         ideal = n * 1000 / device_ms
-        side = max(4, round((ideal * 8) ** (1 / 3)))  # about 8 s of work at the ideal rate
+        side = max(4, round((ideal * seconds) ** (1 / 3)))  # seconds of work at the ideal rate
         _cube(sub / "in.zarr" / "raw", 16 * side)  # metadata only: nothing is read
         model = {"factory": "blockpredict.bench:trivial_model", "kwargs": {"size": 16}}
         prepared = prepare_workflow(load_workflow(_workflow(sub, model)))
@@ -338,7 +338,7 @@ def run_bench(
             results["device"] = bench_device(root, device_ms, quick, repeats)
         if simulate_workers:
             results["simulated_cluster"] = bench_simulated_cluster(
-                root, simulate_workers, device_ms or 50.0, repeats
+                root, simulate_workers, device_ms or 50.0, repeats, 2.0 if quick else 8.0
             )
         results["bench_seconds"] = time.perf_counter() - t0
         return results
