@@ -87,7 +87,7 @@ def test_one_worker_per_gpu_each_sees_only_its_own():
     from blockpredict.cluster import gpu_cluster
 
     config = ClusterConfig.model_validate({"dashboard_address": ":0"})
-    with gpu_cluster(config, ["0", "1"], {"BLOCKPREDICT_EXTRA": "gpu"}) as cluster:  # type: ignore[attr-defined]
+    with gpu_cluster(config, ["0", "1"], {"BLOCKPREDICT_EXTRA": "gpu"}) as cluster:
         with Client(cluster) as client:
             seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
     assert sorted(seen.values()) == ["0", "1"]

@@ -127,7 +127,7 @@ def bench_startup(folder: Path, sizes: list[int], repeats: int) -> list[dict[str
 def bench_dispatch(
     folder: Path, size: int, per_task: list[int | str], repeats: int
 ) -> list[dict[str, Any]]:
-    """Blocks/s with an identity model (16^3 blocks) on a 2-worker LocalCluster, by blocks_per_task."""
+    """Blocks/s, identity model (16^3 blocks), 2-worker LocalCluster, by blocks_per_task."""
     from distributed import LocalCluster
 
     from .config import load_workflow
@@ -359,7 +359,8 @@ def format_results(results: dict[str, Any]) -> str:
         )
     for r in c["limit_layouts"]:
         lines.append(
-            f"  limit: {r['layout']:<18} {r['allocator']:<11} {r['voxels_per_s'] / 1e6:.2f} M voxels/s"
+            f"  limit: {r['layout']:<18} {r['allocator']:<11} "
+            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s"
         )
     for phase, p in c["engine_phases"].items():
         lines.append(

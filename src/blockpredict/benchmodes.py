@@ -1,4 +1,4 @@
-"""The side-by-side modes of ``blockpredict bench``: the limit, the engine, a naive loop, dask.array.
+"""Side-by-side modes of ``blockpredict bench``: the limit, the engine, a naive loop, dask.array.
 
 Every mode runs the same model on the same input volume with the same cores,
 each in fresh processes, and returns output voxels/s. The simulated device

@@ -84,6 +84,9 @@ def torch_threads(config: ClusterConfig) -> int:
     return max(1, share)
 
 
+from distributed import SpecCluster  # noqa: E402 (used by the GPU layout below)
+
+
 def local_gpus(config: ClusterConfig) -> list[str]:
     """The GPUs local workers use, one worker each: all visible, or the first ``n_workers``."""
     if config.device == "cpu" or not _has_cuda():
@@ -117,9 +120,9 @@ def gpu_worker_spec(
     }
 
 
-def gpu_cluster(config: ClusterConfig, gpus: list[str], env: dict[str, str]) -> object:
+def gpu_cluster(config: ClusterConfig, gpus: list[str], env: dict[str, str]) -> SpecCluster:
     """A local cluster of one worker process per GPU."""
-    from distributed import Scheduler, SpecCluster
+    from distributed import Scheduler
 
     scheduler = {
         "cls": Scheduler,
