@@ -221,6 +221,7 @@ def run(
     plan = job.plan
     start = time.perf_counter()
     _register(client, plugin or ModelPlugin(job))
+    setup_seconds = time.perf_counter() - start
     workers = client.scheduler_info(n_workers=-1)["workers"]
     threads = sum(w["nthreads"] for w in workers.values()) or 1
     window = max(8, 4 * max(threads, expected_threads))
@@ -274,6 +275,7 @@ def run(
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
     report.wall_seconds = time.perf_counter() - start
+    report.setup_seconds = setup_seconds
     voxels = report.blocks_processed / max(1, plan.num_blocks) * math.prod(plan.output_shape)
     report.output_voxels_per_second = voxels / max(report.wall_seconds, 1e-9)
     report.phase_seconds = d.phases.summary()
