@@ -332,9 +332,9 @@ def run_bench(
             "command": " ".join(["blockpredict", *sys.argv[1:]]),
             "repeats": repeats,
             "compare": bench_compare(root, quick, repeats, cores or 1),
-            "startup": bench_startup(root, [200, 1000] if quick else [200, 10_000], repeats),
+            "startup": bench_startup(root, [1000] if quick else [200, 10_000], repeats),
             "dispatch": bench_dispatch(
-                root, 64 if quick else 256, ["auto", 1, 8] if quick else ["auto", 1, 8, 32], repeats
+                root, 64 if quick else 256, ["auto", 8] if quick else ["auto", 1, 8, 32], repeats
             ),
         }
         if device_ms is not None:
