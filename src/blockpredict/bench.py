@@ -169,12 +169,17 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def bench_compare(folder: Path, quick: bool, repeats: int, cores: int) -> dict[str, Any]:
-    """The limit, the engine, a naive loop and dask.array side by side (voxels/s, medians)."""
+def bench_compare(
+    folder: Path, quick: bool, repeats: int, cores: int, k: int | None = None
+) -> dict[str, Any]:
+    """The limit, the engine, a naive loop and dask.array side by side (voxels/s, medians).
+
+    ``k`` blocks per axis (default 4: 64 blocks; quick 2).
+    """
     from .benchmodes import dask_array, engine, limit, naive
 
     unet = QUICK_UNET if quick else UNET
-    size_in, size_out, k = (28, 12, 2) if quick else (108, 92, 4)
+    size_in, size_out, k = (28, 12, k or 2) if quick else (108, 92, k or 4)
     size = k * size_out + (size_in - size_out)  # k^3 whole blocks
     sub = folder / "compare"
     sub.mkdir(parents=True, exist_ok=True)
