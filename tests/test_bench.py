@@ -9,15 +9,24 @@ import sys
 
 def test_bench_quick_prints_figures(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "bench", "--quick", "--json", "bench.json"],
+        [sys.executable, "-m", "blockpredict.cli", "bench", "--quick", "--json", "bench.json"]
+        + ["--device-ms", "20", "--simulate-workers", "2"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
-    assert "blocks/s" in result.stdout and "plan" in result.stdout
+    assert "blocks/s" in result.stdout and "of limit (wall)" in result.stdout
     figures = json.loads((tmp_path / "bench.json").read_text())
-    assert [r["blocks"] for r in figures["startup"]] == [8, 1331]
-    assert {r["blocks_per_task"] for r in figures["dispatch"]} == {1, 8}
+    modes = figures["compare"]["modes"]
+    assert set(modes) == {"limit", "engine", "naive loop", "dask.array"}
+    assert modes["limit"]["of_limit_wall"] == 1.0
+    assert all(m["voxels_per_s"] > 0 and m["of_limit_steady"] > 0 for m in modes.values())
+    assert {"read", "compute", "write"} <= set(figures["compare"]["engine_phases"])
+    assert len(figures["compare"]["limit_layouts"]) == 4  # 2 layouts x 2 allocator settings
+    assert [r["blocks"] for r in figures["startup"]] == [1331]
+    assert {r["blocks_per_task"] for r in figures["dispatch"]} == {"auto", 8}
     assert all(r["blocks_per_s"] > 0 for r in figures["dispatch"])
+    assert 0 < figures["device"]["busy"] <= 1.0
+    assert [r["workers"] for r in figures["simulated_cluster"]] == [1, 2]

@@ -17,7 +17,7 @@ def test_the_annotated_example_is_a_valid_workflow():
     assert workflow.model.unet is not None and workflow.model.unet.input_shape == [76, 76, 76]
     # relative paths are resolved against the workflow file's folder
     assert workflow.input.container == (EXAMPLE.parent / "../blockpredict-demo/data.zarr").resolve()
-    assert workflow.execution.blocks_per_task == 1 and workflow.execution.resume
+    assert workflow.execution.blocks_per_task == "auto" and workflow.execution.resume
 
 
 def test_set_overrides_parse_yaml_values():

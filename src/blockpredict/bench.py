@@ -123,9 +123,9 @@ def bench_startup(folder: Path, sizes: list[int], repeats: int) -> list[dict[str
 
 
 def bench_dispatch(
-    folder: Path, size: int, per_task: list[int], repeats: int
+    folder: Path, size: int, per_task: list[int | str], repeats: int
 ) -> list[dict[str, Any]]:
-    """Blocks/s with a trivial model on a 2-worker LocalCluster, by blocks_per_task."""
+    """Blocks/s, identity model (16^3 blocks), 2-worker LocalCluster, by blocks_per_task."""
     from distributed import LocalCluster
 
     from .config import load_workflow
@@ -141,7 +141,7 @@ def bench_dispatch(
         for n in per_task:
             path = _workflow(
                 sub,
-                {"factory": "blockpredict.bench:trivial_model"},
+                {"factory": "blockpredict.bench:trivial_model", "kwargs": {"size": 16}},
                 cluster={"type": "address", "address": cluster.scheduler_address},
                 execution={"blocks_per_task": n},
             )
@@ -159,87 +159,222 @@ def bench_dispatch(
     return rows
 
 
-def bench_unet(folder: Path, size: int, repeats: int) -> dict[str, Any]:
-    """Blockwise U-Net throughput against the bare forward rate of the same blocks."""
-    from .config import load_workflow
-    from .workflow import predict_workflow
+# the quick variant: same layers, tiny blocks (28^3 -> 12^3), 2^3 blocks of it
+QUICK_UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
 
-    sub = folder / "unet"
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_compare(
+    folder: Path, quick: bool, repeats: int, cores: int, k: int | None = None
+) -> dict[str, Any]:
+    """The limit, the engine, a naive loop and dask.array side by side (voxels/s, medians).
+
+    ``k`` blocks per axis (default 4: 64 blocks; quick 2).
+    """
+    from .benchmodes import dask_array, engine, limit, naive
+
+    unet = QUICK_UNET if quick else UNET
+    size_in, size_out, k = (28, 12, k or 2) if quick else (108, 92, k or 4)
+    size = k * size_out + (size_in - size_out)  # k^3 whole blocks
+    sub = folder / "compare"
     sub.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     _cube(sub / "in.zarr" / "raw", size, rng.integers(0, 255, (size,) * 3, dtype=np.uint8))
-    path = _workflow(
-        sub,
-        {"unet": UNET, "head": {"out_channels": 3}},
-        cluster={"type": "local", "n_workers": 2, "threads_per_worker": 1},
-    )
-    rates, walls = [], []
+    model = {"unet": unet, "head": {"out_channels": 1}}
+    path = _workflow(sub, model)  # cluster and execution: the defaults
+    blocks, voxels = k**3, (k * size_out) ** 3
+    limits, engines, naives, dasks = [], [], [], []
     for _ in range(repeats):
-        report = predict_workflow(load_workflow(path), progress=False)
-        rates.append(report.output_voxels_per_second)
-        walls.append(report.wall_seconds)
-    bare = _bare_forward_rate(repeats)
-    blockwise = statistics.median(rates)
+        limits.append(limit(model, blocks, size_out**3, cores))
+        run = engine(path)
+        engines.append(
+            {
+                "wall_s": run["wall_s"],
+                "steady_s": run["report"]["wall_seconds"] - run["report"]["setup_seconds"],
+                "phases": run["report"]["phase_seconds"],
+            }
+        )
+        naives.append(naive(path))
+        dasks.append(dask_array(path, cores))
+    best = max(limits, key=lambda r: r["voxels_per_s"])  # its layouts are printed
+    limit_rate = statistics.median(r["voxels_per_s"] for r in limits)
+    modes = {"limit": {"wall_s": voxels / limit_rate, "steady_s": voxels / limit_rate}}
+    for name, runs in (("engine", engines), ("naive loop", naives), ("dask.array", dasks)):
+        modes[name] = {"wall_s": _median(runs, "wall_s"), "steady_s": _median(runs, "steady_s")}
+    for m in modes.values():
+        m["voxels_per_s"] = voxels / m["wall_s"]
+        m["of_limit_wall"] = m["voxels_per_s"] / limit_rate
+        m["of_limit_steady"] = (voxels / m["steady_s"]) / limit_rate
     return {
-        "input": f"{size}^3",
-        "blocks": report.blocks_total,
-        "blockwise_mvox_s": blockwise / 1e6,
-        "bare_mvox_s": bare / 1e6,
-        "ratio": blockwise / bare,
-        "wall_s": statistics.median(walls),
+        "model": f"U-Net {size_in}^3 -> {size_out}^3",
+        "input": f"{size}^3 uint8",
+        "blocks": blocks,
+        "cores": cores,
+        "modes": modes,
+        "limit_layouts": best["layouts"],
+        "engine_phases": engines[-1]["phases"],
     }
 
 
-def _bare_forward_rate(repeats: int) -> float:
-    """Output voxels/s of back-to-back forwards: the faster of 1x2 threads and 2x1 processes."""
-    code = (
-        "import time, torch, sys\n"
-        "from blockpredict.bench import UNET\n"
-        "from blockpredict.build import build_model\n"
-        "from blockpredict.config import ModelConfig\n"
-        "torch.set_num_threads(int(sys.argv[1]))\n"
-        "m = build_model(ModelConfig.model_validate({'unet': UNET, 'head': {'out_channels': 3}}))\n"
-        "x = torch.zeros(1, 1, 108, 108, 108)\n"
-        "with torch.no_grad():\n"
-        "    m(x); t = time.perf_counter(); n = 3\n"
-        "    for _ in range(n): m(x)\n"
-        "print(n * 92**3 / (time.perf_counter() - t))\n"
-    )
+def bench_device(folder: Path, device_ms: float, quick: bool, repeats: int) -> dict[str, Any]:
+    """The engine with a simulated device (forward sleeps, no CPU): the fraction of time busy."""
+    from .config import load_workflow
+    from .workflow import predict_workflow
 
-    def rate(threads: int, processes: int) -> float:
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", code, str(threads)], stdout=subprocess.PIPE, text=True
-            )
-            for _ in range(processes)
-        ]
-        return sum(float(p.communicate()[0].strip()) for p in procs)
+    size_in, size_out, k = (28, 12, 2) if quick else (108, 92, 4)
+    size = k * size_out + (size_in - size_out)
+    sub = folder / "device"
+    sub.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    _cube(sub / "in.zarr" / "raw", size, rng.integers(0, 255, (size,) * 3, dtype=np.uint8))
+    factory = {
+        "factory": "blockpredict.benchmodes:sleep_model",
+        "kwargs": {"ms": device_ms, "size": size_in, "context": size_in - size_out},
+    }
+    path = _workflow(sub, factory)
+    runs = []
+    for _ in range(repeats):
+        report = predict_workflow(load_workflow(path), progress=False)
+        busy = report.blocks_processed * device_ms / 1000
+        steady = report.wall_seconds - report.setup_seconds  # the model loaded
+        runs.append(
+            {
+                "busy": busy / (report.workers * report.wall_seconds),
+                "busy_steady": busy / (report.workers * steady),
+                "wall_s": report.wall_seconds,
+                "workers": report.workers,
+            }
+        )
+    return {
+        "device_ms": device_ms,
+        "blocks": k**3,
+        "block": f"{size_in}^3 -> {size_out}^3 float32",
+        "busy": _median(runs, "busy"),
+        "busy_steady": _median(runs, "busy_steady"),
+        "wall_s": _median(runs, "wall_s"),
+        "workers": runs[0]["workers"],
+    }
 
-    one = statistics.median(rate(2, 1) for _ in range(repeats))
-    two = statistics.median(rate(1, 2) for _ in range(repeats))
-    return max(one, two)
+
+def bench_simulated_cluster(
+    folder: Path, workers: int, device_ms: float, repeats: int, seconds: float = 8.0
+) -> list[dict[str, Any]]:
+    """Dispatch rate of N in-process workers with a simulated device, against N / device time.
+
+    The real runner, scheduler and worker pipeline; only the device and the storage are
+    simulated (see :class:`~blockpredict.benchmodes.SimulatedDevice`).
+    """
+    from distributed import Client, LocalCluster
+
+    from .benchmodes import SimulatedDevice
+    from .config import ExecutionConfig, load_workflow
+    from .job import Job
+    from .ledger import Ledger
+    from .runner import run
+    from .storage import OutputInfo
+    from .workflow import prepare_workflow
+
+    sub = folder / "simulate"
+    sub.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in sorted({max(1, workers // 4), max(1, workers // 2), workers}):
+        ideal = n * 1000 / device_ms
+        side = max(4, round((ideal * seconds) ** (1 / 3)))  # seconds of work at the ideal rate
+        _cube(sub / "in.zarr" / "raw", 16 * side)  # metadata only: nothing is read
+        model = {"factory": "blockpredict.bench:trivial_model", "kwargs": {"size": 16}}
+        prepared = prepare_workflow(load_workflow(_workflow(sub, model)))
+        plan = prepared.plan
+        where = str(sub / "out.zarr" / "sim")  # its event log and ledger; no image is written
+        output = OutputInfo(where, plan.output_roi, plan.output_voxel_size, "float32", 1)
+        job = Job(plan, prepared.input, "none", output, model=None)
+        rates = []
+        with (
+            LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=False,
+                protocol="tcp://",
+                host="127.0.0.1",
+                dashboard_address=":0",
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            for i in range(repeats):
+                ledger = Ledger.create(str(sub / f"ledger-{n}-{i}"), {"bench": i}, plan.num_blocks)
+                report = run(
+                    client, job, ledger, ExecutionConfig(), progress=False,
+                    plugin=SimulatedDevice(job, device_ms),
+                )
+                rates.append(report.blocks_processed / report.wall_seconds)
+        rate = statistics.median(rates)
+        rows.append(
+            {"workers": n, "blocks": plan.num_blocks, "blocks_per_s": rate, "ideal": ideal,
+             "of_ideal": rate / ideal}
+        )
+    return rows
 
 
-def run_bench(folder: Path | None, quick: bool) -> dict[str, Any]:
+def run_bench(
+    folder: Path | None,
+    quick: bool,
+    repeats: int | None = None,
+    device_ms: float | None = None,
+    simulate_workers: int | None = None,
+) -> dict[str, Any]:
     """All figures; ``quick`` shrinks sizes and repeats (for a smoke test)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp:
         root = folder or Path(tmp)
-        repeats = 1 if quick else 3
+        repeats = repeats or (1 if quick else 3)
         t0 = time.perf_counter()
-        results = {
-            "startup": bench_startup(root, [200, 1000] if quick else [200, 10_000], repeats),
+        results: dict[str, Any] = {
+            "command": " ".join(["blockpredict", *sys.argv[1:]]),
+            "repeats": repeats,
+            "compare": bench_compare(root, quick, repeats, cores or 1),
+            "startup": bench_startup(root, [1000] if quick else [200, 10_000], repeats),
             "dispatch": bench_dispatch(
-                root, 24 if quick else 64, [1, 8] if quick else [1, 8, 32], repeats
+                root, 64 if quick else 256, ["auto", 8] if quick else ["auto", 1, 8, 32], repeats
             ),
         }
-        if not quick:
-            results["unet"] = bench_unet(root, 292, repeats)  # 3^3 whole blocks
+        if device_ms is not None:
+            results["device"] = bench_device(root, device_ms, quick, repeats)
+        if simulate_workers:
+            results["simulated_cluster"] = bench_simulated_cluster(
+                root, simulate_workers, device_ms or 50.0, repeats, 2.0 if quick else 8.0
+            )
         results["bench_seconds"] = time.perf_counter() - t0
         return results
 
 
 def format_results(results: dict[str, Any]) -> str:
-    lines = ["start-up (plan, and predict up to its first block id; medians):"]
+    c = results["compare"]
+    lines = [
+        f"side by side: {c['model']} on {c['input']} ({c['blocks']} blocks), {c['cores']} cores, "
+        f"medians of {results['repeats']}:",
+        f"  {'mode':<12} {'wall s':>8} {'M voxels/s':>11} {'of limit (wall)':>16} "
+        f"{'of limit (steady)':>18}",
+    ]
+    for name, m in c["modes"].items():
+        lines.append(
+            f"  {name:<12} {m['wall_s']:>8.1f} {m['voxels_per_s'] / 1e6:>11.2f} "
+            f"{m['of_limit_wall']:>16.2f} {m['of_limit_steady']:>18.2f}"
+        )
+    for r in c["limit_layouts"]:
+        lines.append(
+            f"  limit: {r['layout']:<18} {r['allocator']:<11} "
+            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s"
+        )
+    for phase, p in c["engine_phases"].items():
+        lines.append(
+            f"  engine {phase:<8} total {p['total']:.1f} s  p50 {p['p50'] * 1000:.0f} ms  "
+            f"p90 {p['p90'] * 1000:.0f} ms"
+        )
+    lines.append("start-up (plan, and predict up to its first block id; medians):")
     for r in results["startup"]:
         lines.append(
             f"  {r['input']:>16}  {r['blocks']:>9} blocks  plan {r['plan_s']:.2f} s  "
@@ -248,16 +383,20 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append("dispatch, trivial model, 2 worker processes (medians):")
     for r in results["dispatch"]:
         lines.append(
-            f"  blocks_per_task {r['blocks_per_task']:>3}  {r['blocks']} blocks  "
+            f"  blocks_per_task {r['blocks_per_task']!s:>4}  {r['blocks']} blocks  "
             f"{r['blocks_per_s']:.0f} blocks/s"
         )
-    if "unet" in results:
-        u = results["unet"]
-        lines.append(f"U-Net 108^3 -> 92^3 on {u['input']} ({u['blocks']} blocks, medians):")
+    if "device" in results:
+        d = results["device"]
         lines.append(
-            f"  blockwise {u['blockwise_mvox_s']:.2f} M voxels/s, bare forward "
-            f"{u['bare_mvox_s']:.2f} M voxels/s, ratio {u['ratio']:.2f}, "
-            f"wall {u['wall_s']:.1f} s"
+            f"simulated device {d['device_ms']:g} ms, {d['workers']} workers, {d['blocks']} "
+            f"blocks of {d['block']}: busy {d['busy']:.2f} of the time, "
+            f"{d['busy_steady']:.2f} once the model is loaded (wall {d['wall_s']:.1f} s)"
+        )
+    for r in results.get("simulated_cluster", []):
+        lines.append(
+            f"simulated cluster: {r['workers']:>4} in-process workers  {r['blocks']} blocks  "
+            f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f})"
         )
     lines.append(f"bench took {results['bench_seconds']:.0f} s")
     return "\n".join(lines)

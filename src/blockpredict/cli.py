@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
         help="only the object-store figures: chunk cache on/off against a local S3 endpoint "
         "with this delay per request (needs moto[server], from the test extra)",
     )
+    bench.add_argument("--repeat", type=int, help="runs per figure, medians (default 3, quick 1)")
+    bench.add_argument(
+        "--device-ms", type=float, help="also run a simulated device whose forward sleeps D ms"
+    )
+    bench.add_argument(
+        "--simulate-workers", type=int, help="dispatch rate of N in-process simulated workers"
+    )
     bench.set_defaults(func=_bench)
     _debug_arg(bench)
 
@@ -388,7 +395,9 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from .bench import format_results, run_bench
 
-    results = run_bench(args.dir, args.quick)
+    results = run_bench(
+        args.dir, args.quick, args.repeat, args.device_ms, args.simulate_workers
+    )
     print(format_results(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

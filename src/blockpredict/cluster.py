@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from distributed import Client, LocalCluster
 
 from .config import ClusterConfig
+from .environment import nanny_environment, worker_environment
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,15 +48,23 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         raise ConfigError(
             "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
         )
-    with _workers_ignore_sigint():  # a terminal's Ctrl-C reaches the driver only
-        cluster = LocalCluster(
-            n_workers=config.n_workers,
-            threads_per_worker=config.threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=loopback(config.dashboard_address),
-            silence_logs=logging.ERROR,
-        )
+    env = worker_environment(torch_threads(config), config.worker_env)
+    gpus = local_gpus(config)
+    # workers ignore a terminal's Ctrl-C (it reaches the driver only) and get their
+    # allocator and thread variables, both set before each worker process starts
+    with _workers_ignore_sigint(), nanny_environment(env):
+        if gpus:
+            cluster = gpu_cluster(config, gpus, env)
+        else:
+            cluster = LocalCluster(
+                n_workers=config.n_workers,
+                threads_per_worker=config.threads_per_worker,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=loopback(config.dashboard_address),
+                silence_logs=logging.ERROR,
+                env=env,  # wins over variables already set in this process
+            )
     with cluster, Client(cluster) as client:
         yield client
 
@@ -96,3 +105,51 @@ def torch_threads(config: ClusterConfig) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     share = (cores or 1) // (config.n_workers * config.threads_per_worker)
     return max(1, share)
+
+
+from distributed import SpecCluster  # noqa: E402 (used by the GPU layout below)
+
+
+def local_gpus(config: ClusterConfig) -> list[str]:
+    """The GPUs local workers use, one worker each: all visible, or the first ``n_workers``."""
+    if config.device == "cpu" or not _has_cuda():
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    import torch
+
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if "n_workers" in config.model_fields_set:
+        gpus = gpus[: config.n_workers]
+    return gpus
+
+
+def gpu_worker_spec(
+    gpus: list[str], threads_per_worker: int, env: dict[str, str]
+) -> dict[str, dict[str, object]]:
+    """One nanny per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), as dask-cuda does."""
+    from distributed import Nanny
+
+    return {
+        f"gpu-{gpu}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads_per_worker,
+                "host": "127.0.0.1",
+                "silence_logs": logging.ERROR,
+                "env": {**env, "CUDA_VISIBLE_DEVICES": gpu},
+            },
+        }
+        for gpu in gpus
+    }
+
+
+def gpu_cluster(config: ClusterConfig, gpus: list[str], env: dict[str, str]) -> SpecCluster:
+    """A local cluster of one worker process per GPU."""
+    from distributed import Scheduler
+
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard_address": config.dashboard_address},
+    }
+    workers = gpu_worker_spec(gpus, config.threads_per_worker, env)
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)

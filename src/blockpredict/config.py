@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
+    StrictStr,
     ValidationError,
     model_validator,
 )
@@ -233,6 +234,7 @@ class ClusterConfig(Strict):
     gpus_per_job: NonNegativeInt = 0
     tls: bool = True
     worker_timeout: float = Field(300.0, gt=0)
+    worker_env: dict[str, StrictStr] = Field(default_factory=dict)  # adds to/overrides defaults
 
     @model_validator(mode="after")
     def _address(self) -> ClusterConfig:
@@ -252,7 +254,10 @@ class ClusterConfig(Strict):
 
 class ExecutionConfig(Strict):
     max_retries: int = Field(2, ge=0)
-    blocks_per_task: int = Field(1, ge=1)
+    blocks_per_task: Literal["auto"] | PositiveInt = "auto"
+    batch_size: int = Field(1, ge=1)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    compile: bool = False
     fail_fast: int = Field(10, ge=0)
     resume: bool = True
     grace_period: float = Field(30.0, ge=0)

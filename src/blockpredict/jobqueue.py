@@ -20,6 +20,7 @@ from typing import Any
 from distributed import Client
 
 from .config import ClusterConfig
+from .environment import export_lines, worker_environment
 from .errors import BlockpredictError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,12 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
             extra.append(directive)
         options["job_extra_directives"] = extra
     options.setdefault("processes", 1)
+    # allocator and thread variables before the worker starts; the user's prologue comes after
+    env = worker_environment(config.threads_per_worker, config.worker_env)
+    options["job_script_prologue"] = [
+        *export_lines(env),
+        *options.get("job_script_prologue", []),
+    ]
     options.setdefault("cores", options["processes"] * config.threads_per_worker)
     options.setdefault("log_directory", str(Path("blockpredict-logs").resolve()))
     options.setdefault("job_name", "blockpredict-worker")

@@ -84,6 +84,7 @@ class RunReport:
     retries: int = 0
     failed_blocks: list[FailedBlock] = field(default_factory=list)
     wall_seconds: float = 0.0
+    setup_seconds: float = 0.0  # of wall_seconds: loading the model on the workers
     output_voxels_per_second: float = 0.0
     output_roi: dict[str, list[int]] = field(default_factory=dict)
     output_voxel_size: list[int] = field(default_factory=list)

@@ -25,18 +25,17 @@ from distributed.client import FuturesCancelledError
 from .config import ExecutionConfig
 from .errors import BlockpredictError
 from .events import EventLog, events_path
+from .job import BlockResult, Job, describe
 from .ledger import DONE, FAILED, Ledger
 from .live import LiveState, publish
 from .observe import Observers, RunObserver
 from .plan import morton_order
 from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
+from .sizing import TaskSizer
 from .worker import (
     PLUGIN_NAME,
-    BlockResult,
-    Job,
     ModelPlugin,
-    describe,
     kill_this_worker,
     process_blocks,
     running_blocks,
@@ -92,25 +91,39 @@ class Dispatcher:
         self.stop_now = False  # a second SIGINT/SIGTERM: cancel everything at once
         self.drained = False  # after a stop, tasks not yet running were cancelled
         self.worker_names: set[str] = set()
+        self.sizer = TaskSizer(execution.blocks_per_task, execution.batch_size)
+        self.taken = 0  # blocks taken from the pending order so far
 
     def submit_more(self, window: int) -> None:
-        while len(self.owner) < window and self.stop_reason is None:
+        """Fill the window; the new tasks go to the scheduler in one message."""
+        tasks: list[list[int]] = []
+        while len(self.owner) + len(tasks) < window and self.stop_reason is None:
             ids = self._next_ids()
             if not ids:
-                return
+                break
+            tasks.append(ids)
+        if not tasks:
+            return
+        keys = []
+        for ids in tasks:
             self.submitted += 1
-            key = f"blocks-{self.token}-{self.submitted}-{ids[0]}"
-            future = self.client.submit(process_blocks, ids, key=key, pure=False)
+            keys.append(f"blocks-{self.token}-{self.submitted}-{ids[0]}")
+        futures = self.client.map(process_blocks, tasks, key=keys, pure=False)
+        for ids, future in zip(tasks, futures, strict=True):
             self.owner[future.key] = ids
             self.task_of.update(dict.fromkeys(ids, future))
-            self.futures.add(future)
             self.observer.blocks_submitted(ids)
+        self.futures.update(futures)
 
     def _next_ids(self) -> list[int]:
-        n = self.execution.blocks_per_task
+        report = self.report
+        remaining = report.blocks_total - report.blocks_skipped - self.taken + len(self.retry)
+        n = self.sizer.size(remaining)
         if self.retry:
             return [self.retry.popleft() for _ in range(min(n, len(self.retry)))]
-        return list(islice(self.order, n))
+        ids = list(islice(self.order, n))
+        self.taken += len(ids)
+        return ids
 
     def collect(self, future) -> None:  # type: ignore[no-untyped-def]
         ids = self.owner.pop(future.key, None)
@@ -136,6 +149,7 @@ class Dispatcher:
             report.blocks_processed += 1
             self.worker_names.add(result.worker)
             self.phases.add(result)
+            self.sizer.observe(result)
             self.observer.block_finished(result)
             return
         self.attempts[block_id] = self.attempts.get(block_id, 0) + 1
@@ -221,15 +235,18 @@ def run(
     execution: ExecutionConfig,
     progress: bool = True,
     expected_threads: int = 0,
+    plugin: ModelPlugin | None = None,
 ) -> RunReport:
     """Process every pending block of ``job.plan`` on ``client``'s workers.
 
     ``expected_threads`` sizes the window for workers that are still arriving
-    (batch clusters), so adaptive scaling sees enough queued work.
+    (batch clusters), so adaptive scaling sees enough queued work. ``plugin``
+    replaces the model plugin (the bench's simulated device).
     """
     plan = job.plan
     start = time.perf_counter()
-    _register(client, job)
+    _register(client, plugin or ModelPlugin(job))
+    setup_seconds = time.perf_counter() - start
     workers = client.scheduler_info(n_workers=-1)["workers"]
     threads = sum(w["nthreads"] for w in workers.values()) or 1
     window = max(8, 4 * max(threads, expected_threads))
@@ -239,6 +256,7 @@ def run(
     d = Dispatcher(client, job, ledger, execution, observer)
     d.report.blocks_skipped = skipped
     d.report.workers = len(workers)
+    d.sizer.workers = max(len(workers), expected_threads)
     grace_end = math.inf
     next_timeout_check = time.perf_counter()
     with _stop_on_signals(d):
@@ -280,6 +298,7 @@ def run(
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None
     report.wall_seconds = time.perf_counter() - start
+    report.setup_seconds = setup_seconds
     voxels = report.blocks_processed / max(1, plan.num_blocks) * math.prod(plan.output_shape)
     report.output_voxels_per_second = voxels / max(report.wall_seconds, 1e-9)
     report.phase_seconds = d.phases.summary()
@@ -300,9 +319,9 @@ def watchers(
     return Observers(observers)
 
 
-def _register(client: Client, job: Job) -> None:
+def _register(client: Client, plugin: ModelPlugin) -> None:
     """Load the model on every worker; a model that fails to load stops the run here."""
-    results = client.register_plugin(ModelPlugin(job), name=PLUGIN_NAME) or {}
+    results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
     for worker, result in results.items():
         if isinstance(result, dict) and result.get("status") == "error":
             error = result.get("exception")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Workflow
+from .environment import export_lines, worker_environment
 from .errors import ConfigError
 from .jobqueue import cluster_class
 
@@ -68,6 +69,11 @@ def driver_script(
     log_directory = Path(options.pop("log_directory", workflow_path.parent / "blockpredict-logs"))
     log_directory = log_directory.expanduser().resolve()
     job_cls = cluster_class(config.type).job_cls
+    # the driver job plans and writes the ledger: the workers' allocator, one thread
+    options["job_script_prologue"] = [
+        *export_lines(worker_environment(1, config.worker_env)),
+        *options.get("job_script_prologue", []),
+    ]
     job = job_cls(
         scheduler="tcp://driver:0",
         name="blockpredict",

@@ -32,10 +32,12 @@ from .errors import ConfigError, GeometryError, ModelError, OutputError
 from .events import events_path, replay
 from .events import reset as reset_events
 from .fingerprint import model_fingerprint
+from .job import Job, describe
 from .layout import describe_output
 from .ledger import Ledger, ledger_path
 from .lock import OutputLock
 from .plan import BlockPlan, make_plan
+from .precision import check_precision
 from .report import RunReport
 from .storage import (
     InputInfo,
@@ -47,7 +49,6 @@ from .storage import (
     prepare_output,
 )
 from .stores import check_container, exists, is_url
-from .worker import Job, describe
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +370,11 @@ def execute(
         model=prepared.model,
         device=cluster.device,
         threads=torch_threads(cluster),
+        batch_size=execution.batch_size,
+        precision=execution.precision,
+        compile=execution.compile,
     )
+    check_precision(execution.precision, cluster.device, cluster.gpus_per_job > 0)
     install()  # our page, in the dashboard of the scheduler that connect() starts
     # the lock first (a second run is refused), then the cluster: an unreachable one writes nothing
     with (

@@ -1,0 +1,226 @@
+"""Side-by-side modes of ``blockpredict bench``: the limit, the engine, a naive loop, dask.array.
+
+Every mode runs the same model on the same input volume with the same cores,
+each in fresh processes, and returns output voxels/s. The simulated device
+(``sleep_model``) stands in for a fast GPU: its forward sleeps and uses no CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from funlib.geometry import Coordinate
+
+from .architectures import WrappedArchitecture
+from .environment import ALLOCATOR_ENV
+from .model import Model
+from .pipeline import Pipeline
+from .worker import ModelPlugin, _finished, _started
+
+
+class Sleep(torch.nn.Module):
+    """A simulated device: sleeps ``ms`` per forward (no CPU) and returns a centre crop."""
+
+    def __init__(self, ms: float, context: int) -> None:
+        super().__init__()
+        self.ms, self.context = ms, context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.ms / 1000.0 * x.shape[0])
+        c = self.context // 2
+        return x[:, :, c:-c, c:-c, c:-c] if c else x
+
+
+def sleep_model(ms: float = 100.0, size: int = 108, context: int = 16) -> Model:
+    """``size``^3 -> (``size`` - ``context``)^3 blocks whose forward sleeps ``ms``."""
+    arch = WrappedArchitecture(
+        Sleep(ms, context),
+        input_shape=Coordinate(size, size, size),
+        num_in_channels=1,
+        num_out_channels=1,
+    )
+    return Model(arch, torch.nn.Identity())
+
+
+def _env(kept: bool) -> dict[str, str]:
+    """This process's environment with glibc's pages kept, or glibc's defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    return {**env, **ALLOCATOR_ENV} if kept else env
+
+
+def _json_of(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
+    if out.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+BARE = """
+import json, sys, time, torch
+from blockpredict.build import build_model
+from blockpredict.config import ModelConfig
+config, threads, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+m = build_model(ModelConfig.model_validate(config)).eval()
+x = torch.rand(1, m.num_in_channels, *m.eval_input_shape)
+with torch.no_grad():
+    m(x); t = time.perf_counter()
+    for _ in range(n): m(x)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def limit(model: dict[str, Any], blocks: int, block_voxels: int, cores: int) -> dict[str, Any]:
+    """Bare forwards on a preloaded tensor: the best of (layout x allocator), ``blocks`` in all."""
+    rows = []
+    for kept in (False, True):
+        for processes, threads in ((1, cores), (cores, 1)):
+            per = math.ceil(blocks / processes)
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", BARE, json.dumps(model), str(threads), str(per)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=_env(kept),
+                )
+                for _ in range(processes)
+            ]
+            seconds = max(json.loads(p.communicate()[0].splitlines()[-1])["seconds"] for p in procs)
+            rows.append(
+                {
+                    "layout": f"{processes} x {threads} thread(s)",
+                    "allocator": "pages kept" if kept else "default",
+                    "voxels_per_s": per * processes * block_voxels / seconds,
+                }
+            )
+    best = max(rows, key=lambda r: r["voxels_per_s"])
+    return {"voxels_per_s": best["voxels_per_s"], "best": best, "layouts": rows}
+
+
+def engine(workflow: Path) -> dict[str, Any]:
+    """The real CLI run, end to end: wall clock of the command, and its report."""
+    report = workflow.parent / "engine-report.json"
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "predict", str(workflow), "--no-progress"]
+        + ["--report", str(report)],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"engine run failed: {out.stderr.strip()[-500:]}")
+    data = json.loads(report.read_text())
+    return {"wall_s": wall, "report": data}
+
+
+NAIVE = """
+import json, sys, time, torch, zarr
+from blockpredict.config import load_workflow
+from blockpredict.layout import describe_output
+from blockpredict.storage import BlockReader, BlockWriter, prepare_output
+from blockpredict.workflow import prepare_workflow
+from blockpredict.build import build_model
+t0 = time.perf_counter()
+w = load_workflow(sys.argv[1]); p = prepare_workflow(w); plan = p.plan; o = w.output
+naive = o.model_copy(update={"dataset": o.dataset + "-naive"})
+info = prepare_output(describe_output(plan, naive, p.num_out_channels, p.input.axis_names,
+                                      p.input.units, p.input.zarr_format), True)
+reader, writer = BlockReader(p.input, w.input.normalize), BlockWriter(info)
+model = build_model(w.model).eval()
+t1 = time.perf_counter()
+with torch.no_grad():
+    for i in range(plan.num_blocks):
+        b = plan.block(i)
+        y = model(torch.from_numpy(reader.read(b.read_roi))[None]).numpy()[0]
+        crop = tuple(slice(0, s) for s in b.write_roi.shape / plan.output_voxel_size)
+        writer.write(b.write_roi, y[(slice(None), *crop)])
+t2 = time.perf_counter()
+print(json.dumps({"wall_s": t2 - t0, "steady_s": t2 - t1}))
+"""
+
+DASK_ARRAY = """
+import json, sys, time
+t0 = time.perf_counter()
+import dask.array as da, numpy as np, torch, zarr
+from distributed import Client, LocalCluster
+from blockpredict.config import load_workflow
+from blockpredict.build import build_model
+w = load_workflow(sys.argv[1]); cores = int(sys.argv[2])
+_model = {}
+def predict(block):
+    if "m" not in _model:
+        torch.set_num_threads(1); _model["m"] = build_model(w.model).eval()
+    with torch.no_grad():
+        y = _model["m"](torch.from_numpy(block.astype(np.float32) / 255)[None, None])
+    c = (block.shape[0] - y.shape[2]) // 2
+    out = np.zeros(block.shape, np.float32); s = slice(c, c + y.shape[2])
+    out[s, s, s] = y[0, 0].numpy(); return out
+if __name__ == "__main__":
+    m = build_model(w.model)
+    size, out_size = m.eval_input_shape[0], m.output_shape[0]
+    c = (size - out_size) // 2
+    with LocalCluster(n_workers=cores, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=":0") as cluster, Client(cluster):
+        x = da.from_zarr(str(w.input.container / w.input.dataset))
+        k = (x.shape[0] - 2 * c) // out_size  # the volume is k whole blocks plus the context
+        chunks = (c + out_size,) + (out_size,) * (k - 2) + (out_size + c,)
+        x = x.rechunk((chunks,) * 3)
+        y = x.map_overlap(predict, depth=c, boundary="none", dtype=np.float32)
+        t1 = time.perf_counter()
+        y.to_zarr(str(w.output.container / "dask-array"), overwrite=True)
+        t2 = time.perf_counter()
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "steady_s": t2 - t1}))
+"""
+
+
+def naive(workflow: Path) -> dict[str, Any]:
+    """read -> forward -> write per block in one process (all cores, glibc's defaults)."""
+    return _json_of([sys.executable, "-c", NAIVE, str(workflow)], cwd=workflow.parent)
+
+
+def dask_array(workflow: Path, cores: int) -> dict[str, Any]:
+    """``map_overlap`` over ``from_zarr``, the model once per worker process (first channel)."""
+    return _json_of(
+        [sys.executable, "-c", DASK_ARRAY, str(workflow), str(cores)], cwd=workflow.parent
+    )
+
+
+class SimulatedDevice(ModelPlugin):
+    """The worker's real pipeline with a simulated device and no storage: forward sleeps ``ms``.
+
+    With every worker in one process, zarr's single I/O loop would be the limit,
+    not the scheduler; without I/O the dispatch rate is what is measured.
+    """
+
+    def __init__(self, job: Any, ms: float) -> None:
+        super().__init__(job)
+        self.ms = ms
+
+    def setup(self, worker: Any) -> None:
+        self.worker_name = str(worker.name)
+        self.model = torch.nn.Identity()
+        empty = np.zeros((1, 1), np.float32)
+
+        def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+            time.sleep(self.ms / 1000 * len(batch))
+            return batch
+
+        self.pipeline = Pipeline(
+            lambda block_id: empty,
+            forward,
+            lambda block_id, prediction: None,
+            self.job.batch_size,
+            self.worker_name,
+            started=_started,
+            finished=_finished,
+        )

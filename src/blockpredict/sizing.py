@@ -1,0 +1,57 @@
+"""Self-sizing tasks: how many blocks one Dask task carries.
+
+Each task costs a scheduler round trip (2-3 ms here, DESIGN.md) and, in the
+worker's pipeline, one read and one write that nothing overlaps (its fill and
+drain). ``blocks_per_task: auto`` measures the blocks as they finish and sizes
+tasks so that this cost stays under ``OVERHEAD`` of the task's time; near the
+end of the run tasks shrink so every worker still gets a share of what is left.
+An integer ``blocks_per_task`` forces the size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .job import BlockResult
+
+OVERHEAD = 0.02  # the per-task cost, as a share of the task's time
+TASK_COST_S = 0.005  # scheduler round trip and client handling per task
+MAX_BLOCKS_PER_TASK = 4096
+SHARES_AT_THE_END = 2  # tasks per worker that what is left is split into
+
+
+@dataclass
+class TaskSizer:
+    """Blocks per task: fixed, or from the mean read/forward/write times measured so far."""
+
+    setting: str | int = "auto"
+    batch_size: int = 1
+    workers: int = 1
+    _count: int = 0
+    _read: float = 0.0
+    _compute: float = 0.0
+    _write: float = 0.0
+
+    def observe(self, result: BlockResult) -> None:
+        """Count one finished block's timings (failed blocks say nothing about speed)."""
+        if result.error is not None:
+            return
+        self._count += 1
+        self._read += result.read
+        self._compute += result.compute
+        self._write += result.write
+
+    def size(self, remaining: int) -> int:
+        """Blocks for the next task, with ``remaining`` blocks not yet submitted."""
+        if self.setting != "auto":
+            return int(self.setting)
+        if self._count == 0:
+            return self.batch_size  # the first tasks measure
+        n = self._count
+        read, compute, write = self._read / n, self._compute / n, self._write / n
+        steady = max(read, compute, write, 1e-6)  # per block, once the stages overlap
+        wanted = math.ceil((TASK_COST_S + read + write) / (OVERHEAD * steady))
+        share = math.ceil(remaining / (SHARES_AT_THE_END * max(1, self.workers)))
+        blocks = max(1, min(wanted, share, MAX_BLOCKS_PER_TASK))
+        return math.ceil(blocks / self.batch_size) * self.batch_size  # whole batches

@@ -1,0 +1,255 @@
+"""Speed features that users rely on for correctness: worker environment, pipeline, batching.
+
+Speed itself is measured by ``blockpredict bench``, never here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_input, max_abs_diff, read_output, volume_of, write_workflow
+from distributed import Client
+
+from blockpredict.build import build_model
+from blockpredict.cluster import connect
+from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
+from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.job import BlockResult
+from blockpredict.jobqueue import job_script
+from blockpredict.pipeline import Forward, Pipeline
+from blockpredict.precision import TOLERANCE
+from blockpredict.sizing import TaskSizer
+from blockpredict.submit import driver_script
+from blockpredict.workflow import predict_workflow
+
+VARS = (*ALLOCATOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLOCKPREDICT_EXTRA")
+
+
+def _read_env() -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in VARS}
+
+
+def test_local_workers_see_allocator_thread_and_user_variables():
+    config = ClusterConfig.model_validate(
+        {
+            "n_workers": 2,
+            "dashboard_address": ":0",
+            "worker_env": {"BLOCKPREDICT_EXTRA": "yes", "MALLOC_ARENA_MAX": "2"},
+        }
+    )
+    with connect(config) as client:
+        seen = client.run(_read_env)
+    assert len(seen) == 2
+    for env in seen.values():
+        assert env["MALLOC_MMAP_THRESHOLD_"] == "4294967296"
+        assert env["MALLOC_TRIM_THRESHOLD_"] == "17179869184"  # not the nanny's 65536
+        assert env["MALLOC_ARENA_MAX"] == "2"  # worker_env overrides a default
+        assert env["BLOCKPREDICT_EXTRA"] == "yes"  # and adds
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"  # 2 cores, 2 workers
+
+
+def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
+    section = {
+        "type": "slurm",
+        "jobqueue": {"memory": "8GB", "job_script_prologue": ["export MALLOC_ARENA_MAX=4"]},
+        "threads_per_worker": 3,
+        "worker_env": {"BLOCKPREDICT_EXTRA": "a b"},
+    }
+    lines = job_script(ClusterConfig.model_validate(section)).splitlines()
+    assert "export MALLOC_TRIM_THRESHOLD_=17179869184" in lines
+    assert "export OMP_NUM_THREADS=3" in lines
+    assert "export BLOCKPREDICT_EXTRA='a b'" in lines
+    # the user's own prologue comes after ours, so it wins
+    assert lines.index("export MALLOC_ARENA_MAX=4") > lines.index("export MALLOC_ARENA_MAX=1")
+    from blockpredict.config import validate_workflow
+
+    workflow = validate_workflow(
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "x:y"},
+            "output": {"container": "out.zarr"},
+            "cluster": section,
+        }
+    )
+    script, _ = driver_script(tmp_path / "w.yaml", workflow, [], tmp_path / "r.json")
+    assert "export MALLOC_MMAP_THRESHOLD_=4294967296" in script.splitlines()
+    assert "export OMP_NUM_THREADS=1" in script.splitlines()
+
+
+def test_one_worker_per_gpu_each_sees_only_its_own():
+    """The GPU layout, started on the CPU: each worker reads back its CUDA_VISIBLE_DEVICES."""
+    from blockpredict.cluster import gpu_cluster
+
+    config = ClusterConfig.model_validate({"dashboard_address": ":0"})
+    with gpu_cluster(config, ["0", "1"], {"BLOCKPREDICT_EXTRA": "gpu"}) as cluster:
+        with Client(cluster) as client:
+            seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["0", "1"]
+
+
+# --- the pipelined worker ---------------------------------------------------------------
+
+UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
+
+
+def _unet_run(root: Path, address: str, name: str, **execution: object) -> np.ndarray:
+    write_workflow(
+        root / f"{name}.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": name},
+            "cluster": {"type": "address", "address": address},
+            "execution": execution,
+        },
+    )
+    report = predict_workflow(load_workflow(root / f"{name}.yaml"), progress=False)
+    assert report.blocks_failed == 0 and report.blocks_processed == report.blocks_total
+    return read_output(root / "out.zarr" / name)
+
+
+def test_pipelined_auto_sized_and_batched_runs_equal_one_block_at_a_time(tmp_path, cluster_address):
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((60, 60, 60)), (1, 1, 1))
+    one = _unet_run(tmp_path, cluster_address, "one", blocks_per_task=1, batch_size=1)
+    auto = _unet_run(tmp_path, cluster_address, "auto")  # the default: auto, pipelined
+    many = _unet_run(tmp_path, cluster_address, "many", blocks_per_task=7)
+    assert np.array_equal(one, auto) and np.array_equal(one, many)  # bit for bit
+    batched = _unet_run(tmp_path, cluster_address, "batched", batch_size=4, blocks_per_task=7)
+    # torch's CPU convolution picks other kernels for a batch of 4 (3e-8 measured): fp32 rounding
+    assert max_abs_diff(one, batched) <= 1e-6
+    bf16 = _unet_run(tmp_path, cluster_address, "bf16", precision="bf16")
+    assert 0 < max_abs_diff(one, bf16) <= TOLERANCE["bf16"]
+
+
+def _model(out_channels: int = 2) -> torch.nn.Module:
+    return build_model(ModelConfig.model_validate({"unet": UNET, "head": {"out_channels": 2}}))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_stays_within_its_tolerance(precision):
+    """fp16 runs only on CUDA in a real run; its numerics are checked here through CPU autocast."""
+    model = _model().eval()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(2)]
+    exact = Forward(model, torch.device("cpu"), (12, 12, 12), 3)(blocks)
+    reduced = Forward(model, torch.device("cpu"), (12, 12, 12), 3, precision)(blocks)
+    for a, b in zip(exact, reduced, strict=True):
+        assert b.dtype == np.float32
+        assert 0 < max_abs_diff(a, b) <= TOLERANCE[precision]
+
+
+def test_the_cuda_staging_path_on_the_cpu():
+    """Pinned-buffer staging (forced on the CPU): same values, and outputs are not overwritten
+    by the next forward while the writer may still hold them (a ring of two buffers)."""
+    model = _model().eval()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    plain = Forward(model, torch.device("cpu"), (12, 12, 12), 3)
+    staged = Forward(model, torch.device("cpu"), (12, 12, 12), 3, staging=True)
+    first = staged([blocks[0]])[0]
+    kept = first.copy()
+    second = staged([blocks[1]])[0]
+    assert np.array_equal(first, kept)  # the previous output is intact
+    assert np.array_equal(second, plain([blocks[1]])[0])
+    assert np.array_equal(first, plain([blocks[0]])[0])
+
+
+def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
+    written: dict[int, float] = {}
+
+    def read(block_id: int) -> np.ndarray:
+        if block_id == 3:
+            raise OSError("unreadable chunk")
+        return np.full((1, 2), float(block_id), np.float32)
+
+    def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+        if any(b[0, 0] == 5 for b in batch):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [b * 2 for b in batch]
+
+    def write(block_id: int, prediction: np.ndarray) -> None:
+        if block_id == 7:
+            raise PermissionError("read-only store")
+        written[block_id] = float(prediction[0, 0])
+
+    running: set[int] = set()
+    starts: list[int] = []
+
+    def started(block_id: int) -> None:
+        running.add(block_id)
+        starts.append(block_id)
+
+    pipeline = Pipeline(
+        read, forward, write, batch_size=4, started=started, finished=running.discard
+    )
+    try:
+        results = pipeline.run(list(range(10)))
+        again = pipeline.run([11, 12])  # the stages stay usable for the next task
+    finally:
+        pipeline.close()
+    assert [r.block_id for r in results] == list(range(10))
+    errors = {r.block_id: r.error for r in results if r.error}
+    assert set(errors) == {3, 5, 7}
+    assert errors[3].startswith("OSError") and errors[5].startswith("RuntimeError")
+    assert errors[7].startswith("PermissionError")
+    assert written == {i: 2.0 * i for i in (0, 1, 2, 4, 6, 8, 9, 11, 12)}
+    assert all(r.error is None for r in again)
+    assert not running  # every block was let go, failed or not
+    # block_timeout's clock restarts at the forward: a block read ahead is not charged for waiting
+    assert starts.count(0) == 2 and starts.count(3) == 1  # 3 never reached its forward
+
+
+def test_task_sizes_auto_and_forced():
+    forced = TaskSizer(5)
+    assert forced.size(remaining=1000) == 5
+    sizer = TaskSizer("auto", batch_size=2, workers=2)
+    assert sizer.size(remaining=1000) == 2  # nothing measured yet: one batch
+    tiny = BlockResult(0, read=0.0003, compute=0.0001, write=0.001)
+    sizer.observe(tiny)
+    assert sizer.size(remaining=100_000) >= 200  # tiny blocks: the per-task cost dominates
+    assert sizer.size(remaining=8) == 2  # the end of the run: a share for every worker
+    slow = TaskSizer("auto", workers=2)
+    slow.observe(BlockResult(0, read=0.015, compute=0.6, write=0.04))
+    assert 3 <= slow.size(remaining=1000) <= 10
+
+
+@pytest.mark.parametrize(
+    "override, phrases",
+    [
+        ("execution.batch_size=0", ["execution.batch_size", "greater than or equal to 1"]),
+        ("execution.precision=fp8", ["execution.precision", "'fp32', 'fp16' or 'bf16'"]),
+        ("execution.blocks_per_task=0", ["execution.blocks_per_task"]),
+        ("cluster.worker_env={OMP_NUM_THREADS: 4}", ["cluster.worker_env.OMP_NUM_THREADS"]),
+        ("cluster.worker_env=[A]", ["cluster.worker_env", "valid dictionary"]),
+        (
+            "execution.precision=fp16",
+            ["precision fp16 cannot run on cpu", "fp16 needs a CUDA device", "use fp32 or bf16"],
+        ),
+    ],
+)
+def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases):
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (1, 1, 1))
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "output": {"container": "out.zarr", "dataset": "pred"},
+            "cluster": {"device": "cpu"},
+        },
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "predict", str(path), "--set", override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert all(p in lines[0] for p in phrases), lines[0]
+    assert not (tmp_path / "out.zarr").exists()
