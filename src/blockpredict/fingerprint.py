@@ -17,10 +17,16 @@ import torch
 SOURCES = ("unet", "torchscript", "exported", "factory")
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """Short sha256 of the state dict: names, dtypes, shapes and bytes of every tensor."""
+def weights_hash(model: Any) -> str:
+    """Short sha256 of the state dict: names, dtypes, shapes and bytes of every tensor.
+
+    A duck-typed model object without ``state_dict`` is hashed by its type name only.
+    """
     digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    state_dict = getattr(model, "state_dict", None)
+    if not callable(state_dict):
+        return f"no-state-dict:{type(model).__name__}"
+    for name, value in sorted(state_dict().items()):
         digest.update(name.encode())
         if isinstance(value, torch.Tensor):
             tensor = value.detach().cpu().contiguous()
@@ -62,7 +68,7 @@ def model_fingerprint(
     kind = next((k for k in SOURCES if values.get(k)), "model")
     fingerprint["model_source"] = values["factory"] if kind == "factory" else kind
     keys = source.model_dump(
-        mode="json", exclude_none=True, exclude={*files, "factory", "eval_activation"}
+        mode="json", exclude_none=True, exclude={*files, "factory", "eval_activation", "python_path"}
     )
     fingerprint["model_keys"] = keys
     for key, path in sorted(files.items()):
