@@ -214,7 +214,8 @@ def test_duck_typed_model_predicts(tmp_path, cluster_address) -> None:
 
 def test_object_without_the_api_is_refused(tmp_path) -> None:
     with pytest.raises(
-        blockpredict.errors.ModelError, match="Conv3d lacks input_shape, eval_input_shape"
+        blockpredict.errors.ModelError,
+        match="Conv3d is not a Model .it lacks input_shape, eval_input_shape.*wrap it",
     ):
         blockpredict.predict(
             torch.nn.Conv3d(1, 1, 1),

@@ -71,7 +71,7 @@ PAGE_TEXT = """() => {
 
 def setup_run(tmp_path: Path, cluster: dict) -> Path:
     """64 blocks of 8^3 that take 0.8 s each; block 0 fails (a marked voxel)."""
-    (tmp_path / "slow.py").write_text(SLOW)
+    (tmp_path / "slow_page.py").write_text(SLOW)  # a name of its own: shared workers cache modules
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     data[2, 2, 2] = 1000.0
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
@@ -79,7 +79,7 @@ def setup_run(tmp_path: Path, cluster: dict) -> Path:
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "slow:build", "kwargs": {"delay": 0.8}},
+            "model": {"factory": "slow_page:build", "kwargs": {"delay": 0.8}},
             "output": {"container": "out.zarr", "dataset": "pred"},
             "cluster": cluster,
             "execution": {"max_retries": 0, "fail_fast": 0},
@@ -210,7 +210,7 @@ def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
 def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser, cluster_address):
     from distributed import Client
 
-    with Client(cluster_address) as client:  # the shared cluster's workers find slow.py too
+    with Client(cluster_address) as client:  # the shared cluster's workers find slow_page.py too
         client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
     run = Run(tmp_path, setup_run(tmp_path, {"type": "address", "address": cluster_address}))
     try:

@@ -97,7 +97,7 @@ def bench_store(delay_ms: float = 20.0, size: int = 128, chunk: int = 32) -> dic
         slow = {**KEYS, "client_kwargs": {"endpoint_url": proxy.endpoint}}
         url = "s3://bench/in.zarr"
         _write_input(zarr_store, url, direct, size, chunk)
-        info = open_input(url, "raw", slow)
+        info = open_input(url, "raw", storage_options=slow)
         plan = make_plan(
             input_roi=info.roi,
             input_voxel_size=info.voxel_size,

@@ -388,7 +388,7 @@ def _config_error(error: ValidationError, where: str, prefix: tuple[str, ...] = 
 
 def _is_model_name(part: Any) -> bool:
     """A union member's class name (e.g. ``Scaling``) in an error location: not a key."""
-    return isinstance(part, str) and part[:1].isupper()
+    return isinstance(part, str) and part[:1].isupper() and any(c.islower() for c in part)
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -67,9 +67,8 @@ def model_fingerprint(
     files = {k: v for k, v in values.items() if isinstance(v, Path)}
     kind = next((k for k in SOURCES if values.get(k)), "model")
     fingerprint["model_source"] = values["factory"] if kind == "factory" else kind
-    keys = source.model_dump(
-        mode="json", exclude_none=True, exclude={*files, "factory", "eval_activation", "python_path"}
-    )
+    exclude = {*files, "factory", "eval_activation", "python_path"}
+    keys = source.model_dump(mode="json", exclude_none=True, exclude=exclude)
     fingerprint["model_keys"] = keys
     for key, path in sorted(files.items()):
         if key != "checkpoint" and path.is_file():  # the checkpoint counts by its weights
