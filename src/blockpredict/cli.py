@@ -24,9 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(args.debug))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler])
-    if not args.debug:
-        for noisy in ("distributed", "bokeh", "tornado", "botocore", "aiobotocore", "s3fs"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not args.debug:  # a filter on our handler: Dask resets its loggers' levels on import
+        handler.addFilter(_quiet_libraries)
     try:
         return int(args.func(args))
     except BlockpredictError as e:
@@ -43,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+NOISY = ("distributed", "dask", "bokeh", "tornado", "botocore", "aiobotocore", "s3fs", "werkzeug")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Libraries' records below ERROR stay out of the terminal (``--debug`` shows them)."""
+    return record.levelno >= logging.ERROR or not record.name.startswith(NOISY)
 
 
 class _Formatter(logging.Formatter):
