@@ -89,8 +89,10 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         BasicTicker,
         CheckboxGroup,
         ColumnDataSource,
+        CustomJSHover,
         DataTable,
         Div,
+        HoverTool,
         LinearColorMapper,
         NumeralTickFormatter,
         Range1d,
@@ -115,8 +117,16 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         css_classes=["blockpredict-block-map"],
     )
     mapper = LinearColorMapper(palette=list(STATE_COLORS), low=-0.5, high=len(STATE_COLORS) - 0.5)
-    block_map.image(
+    cells = block_map.image(
         image="image", x=-0.5, y=-0.5, dw="dw", dh="dh", source=image, color_mapper=mapper
+    )
+    state_name = CustomJSHover(code=f"return {list(STATE_NAMES)!r}[value] ?? ''")
+    block_map.add_tools(
+        HoverTool(
+            renderers=[cells],
+            tooltips=[("block (x, y)", "($x{0}, $y{0})"), ("state", "@image{state}")],
+            formatters={"@image": state_name},
+        )
     )
     block_map.xaxis.axis_label = "block x (index in the block grid)"
     block_map.yaxis.axis_label = "block y (index in the block grid)"
