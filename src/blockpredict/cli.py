@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
     demo.add_argument("--dir", type=Path, default=Path("blockpredict-demo"), help="work folder")
+    demo.add_argument(
+        "--dashboard-linger",
+        type=float,
+        metavar="SECONDS",
+        help="keep the dashboard page up this long after the run (Ctrl-C closes it)",
+    )
     demo.set_defaults(func=_demo)
     _debug_arg(demo)
     return parser
@@ -422,7 +428,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.dir)
+    return run_demo(args.dir, args.dashboard_linger)
 
 
 if __name__ == "__main__":
