@@ -63,6 +63,7 @@ def test_the_map_follows_a_run_with_resume_retries_and_failures(tmp_path, max_si
     while todo:
         batch, todo = todo[:20], todo[20:]
         live.blocks_submitted(batch)
+        live.blocks_submitted(batch[:3])  # resent after a timeout while still in flight
         truth[batch] = IN_FLIGHT
         check()
         for block_id in batch[: int(rng.integers(5, 20))]:
