@@ -172,6 +172,7 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         layer.end = max(1, cells.layers - 1)
         layer.visible = projection.visible = cells.layers > 1
         z = None if (0 in projection.active or cells.layers == 1) else int(layer.value)
+        layer.disabled = z is None  # the slider does nothing while all layers are shown
         codes = live.block_map(z)
         if shown.get("codes") is None or not np.array_equal(shown["codes"], codes):
             shown["codes"] = codes  # the browser gets the image only when it changed
@@ -290,10 +291,10 @@ _ENDS = (signal.SIGINT, signal.SIGTERM)
 
 def _map_title(step: int, layers: int, z: int | None) -> str:
     """What one pixel of the block map is."""
-    what = f"block layer z = {z}" if z is not None else "the most telling state over z"
+    what = f"block layer z = {z}" if z is not None else "all z layers"
     if layers == 1:
         what = "block states"
-    cell = f", each cell {step}x{step} blocks (the most telling state)" if step > 1 else ""
+    cell = f", a cell = {step}x{step} blocks" if step > 1 else ""
     return f"block map: {what}{cell}"
 
 
@@ -313,9 +314,9 @@ def _header(live: LiveState) -> str:
     lines = [
         f"<h2>blockpredict: {status}</h2>",
         f"<p>output: {live.output_path} &nbsp; block grid {tuple(live.plan.grid_shape)}</p>",
-        f"<p>done {c['done']}/{c['total']} ({c['processed']} processed, {c['skipped']} skipped"
-        f" by resume), {c['failed']} failed, {c['retries']} retries, {c['in_flight']} in flight,"
-        f" {c['workers']} workers</p>",
+        f"<p>done {c['done']:,}/{c['total']:,} ({c['processed']:,} processed, {c['skipped']:,}"
+        f" skipped by resume), {c['failed']:,} failed, {c['retries']:,} retries,"
+        f" {c['in_flight']} in flight, {c['workers']} workers</p>",
     ]
     if live.ended and live.summary:
         lines.append(f"<pre>{live.summary}</pre>")
