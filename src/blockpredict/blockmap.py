@@ -56,23 +56,32 @@ class BlockMap:
         self.failed: set[int] = set()  # failed now, or in an earlier run and not yet retried
 
     def load(self, states: np.ndarray) -> None:
-        """Count the blocks a ledger already holds as done (skipped) or failed, once."""
-        for lo in range(0, states.size, SLAB):
-            part = states[lo : lo + SLAB]
-            for value, code in ((DONE, SKIPPED), (FAILED, FAILED_NOW)):
-                ids = np.flatnonzero(part == value)
-                if ids.size == 0:
-                    continue
-                cells = np.bincount(self.cell_of(ids + lo), minlength=self.counts[0].size)
-                self.counts[code] += cells.reshape(self.shape)
-                self.counts[PENDING] -= cells.reshape(self.shape)
-                if code == FAILED_NOW:
-                    self.failed.update((ids + lo).tolist())
+        """Count the blocks a ledger already holds as done (skipped) or failed, once.
 
-    def cell_of(self, block_ids: np.ndarray) -> np.ndarray:
-        """Flat cell index of each block id (C order over the grid)."""
-        yx = block_ids % (self.ny * self.nx)
-        return (yx // self.nx // self.step) * self.shape[1] + (yx % self.nx) // self.step
+        Whole rows of blocks at a time, summed per cell in x by element-wise adds and
+        in y by ``reduceat``: a few passes over the ledger, no per-block index arrays.
+        """
+        nx, rows, step = self.nx, max(1, SLAB // self.nx), self.step
+        for r0 in range(0, states.size // nx, rows):
+            part = states[r0 * nx : (r0 + rows) * nx]
+            n = part.size // nx
+            cy = (r0 + np.arange(n)) % self.ny // step  # the cell row of each block row
+            starts_y = np.flatnonzero(np.diff(cy, prepend=-1))
+            for value, code in ((DONE, SKIPPED), (FAILED, FAILED_NOW)):
+                hit = part == value
+                if not hit.any():
+                    continue
+                padded = np.zeros((n, self.shape[1] * step), np.uint8)
+                padded[:, :nx] = hit.reshape(n, nx)
+                columns = padded.reshape(n, self.shape[1], step)
+                per_x = columns[:, :, 0].astype(np.int64)  # step element-wise adds: fast
+                for i in range(1, step):
+                    per_x += columns[:, :, i]
+                per_cell = np.add.reduceat(per_x, starts_y, axis=0)
+                np.add.at(self.counts[code], cy[starts_y], per_cell)
+                np.add.at(self.counts[PENDING], cy[starts_y], -per_cell)
+                if code == FAILED_NOW:
+                    self.failed.update((np.flatnonzero(hit) + r0 * nx).tolist())
 
     def move(self, block_id: int, old: int, new: int) -> None:
         """One block went from state ``old`` to ``new``."""
