@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -90,10 +92,10 @@ def setup_run(tmp_path: Path, cluster: dict) -> Path:
 class Run:
     """``blockpredict predict`` in a subprocess; its stderr lines collected as they come."""
 
-    def __init__(self, tmp_path: Path, workflow: Path) -> None:
+    def __init__(self, tmp_path: Path, workflow: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockpredict.cli", "predict", str(workflow)],
+            [sys.executable, "-m", "blockpredict.cli", "predict", str(workflow), *args],
             cwd=tmp_path,
             env=env,
             stderr=subprocess.PIPE,
@@ -111,14 +113,18 @@ class Run:
             self.lines.append(line)
 
     def url(self, label: str, timeout: float = 120) -> str:
+        return self.line(rf"{label}: (http\S+)", timeout).group(1)
+
+    def line(self, pattern: str, timeout: float = 120) -> re.Match:
+        """The first stderr line that matches ``pattern``, waited for."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             for line in list(self.lines):
-                if m := re.match(rf"{label}: (http\S+)", line):
-                    return m.group(1)
+                if m := re.match(pattern, line):
+                    return m
             assert self.proc.poll() is None, "".join(self.lines)
             time.sleep(0.1)
-        raise AssertionError("no URL printed:\n" + "".join(self.lines))
+        raise AssertionError(f"no line {pattern!r}:\n" + "".join(self.lines))
 
     def wait_finished(self, n: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -178,8 +184,10 @@ def check_our_page(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-
 
 
 def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
+    """... and with --dashboard-linger, the page shows the final state after the run, until
+    Ctrl-C, which ends the process with the run's exit code."""
     cluster = {"type": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"}
-    run = Run(tmp_path, setup_run(tmp_path, cluster))
+    run = Run(tmp_path, setup_run(tmp_path, cluster), "--dashboard-linger", "300")
     try:
         status = run.url("dashboard")
         ours = run.url("blockpredict page")
@@ -202,9 +210,22 @@ def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
         link.click()
         browser.wait_for_url("**/blockpredict")
         check_our_page(browser, tmp_path, "local")
+        run.line(r"up until 300 s after the run: the page stays up", timeout=180)
+        browser.goto(ours)  # a visitor after the run
+        time.sleep(3)
+        text = browser.evaluate(PAGE_TEXT)
+        assert "blockpredict: ended" in text and "done 63/64" in text, text
+        assert "blocks: 63/64 done" in text, text  # the run's summary
+        browser.screenshot(path=str(tmp_path / "local-ended.png"), full_page=True)
+        assert run.proc.poll() is None  # still lingering
     finally:
+        if run.proc.poll() is None:  # lingering, or about to: Ctrl-C closes the page
+            with contextlib.suppress(AssertionError):
+                run.line(r".*the page stays up", timeout=180)
+            run.proc.send_signal(signal.SIGINT)
         code = run.end()
-    assert code == 1, "".join(run.lines)  # one block failed
+    assert code == 1, "".join(run.lines)  # one block failed: Ctrl-C only closed the page
+    assert "Traceback" not in "".join(run.lines)
 
 
 def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser, cluster_address):
@@ -222,3 +243,5 @@ def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser
     finally:
         code = run.end()
     assert code == 1, "".join(run.lines)
+    text = browser.evaluate(PAGE_TEXT)  # the open tab kept the final state
+    assert "blockpredict: ended" in text and "done 63/64" in text, text

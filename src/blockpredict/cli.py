@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="without a terminal, print a progress line this often (default 60)",
     )
+    predict.add_argument(
+        "--dashboard-linger",
+        type=float,
+        metavar="SECONDS",
+        help="keep the dashboard page up this long after the run (Ctrl-C closes it)",
+    )
     predict.set_defaults(func=_predict)
 
     plan = sub.add_parser("plan", help="print the block plan without running anything")
@@ -142,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="predict a synthetic volume with a small U-Net")
     demo.add_argument("--dir", type=Path, default=Path("blockpredict-demo"), help="work folder")
+    demo.add_argument(
+        "--dashboard-linger",
+        type=float,
+        metavar="SECONDS",
+        help="keep the dashboard page up this long after the run (Ctrl-C closes it)",
+    )
     demo.set_defaults(func=_demo)
     _debug_arg(demo)
     return parser
@@ -174,6 +186,8 @@ def _predict(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.progress_interval is not None:
         overrides.append(f"execution.progress_interval={args.progress_interval}")
+    if args.dashboard_linger is not None:
+        overrides.append(f"execution.dashboard_linger={args.dashboard_linger}")
     workflow = load_workflow(args.workflow, overrides)
     if args.report:
         check_report_path(args.report)
@@ -414,7 +428,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.dir)
+    return run_demo(args.dir, args.dashboard_linger)
 
 
 if __name__ == "__main__":

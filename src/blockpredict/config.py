@@ -263,6 +263,7 @@ class ExecutionConfig(Strict):
     grace_period: float = Field(30.0, ge=0)
     block_timeout: float | None = Field(None, gt=0)
     progress_interval: float = Field(60.0, gt=0)  # seconds between progress lines (no TTY)
+    dashboard_linger: float = Field(0.0, ge=0)  # seconds the page stays up after the run
 
 
 class Workflow(Strict):

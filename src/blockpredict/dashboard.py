@@ -1,7 +1,8 @@
 """Our page in the Dask dashboard: ``/blockpredict``, linked from its navigation bar.
 
 It shows the live state of the run (:mod:`blockpredict.live`): a block map (one
-layer of the output's block grid, or the worst state over all layers), output
+layer of the output's block grid, or the most telling state over all layers, at most
+512 x 512 cells: see :mod:`blockpredict.blockmap`), output
 voxels/s and blocks/s over time, the mean read / compute (forward) / write time
 per block, and the failed blocks with their errors. It reads state; it never
 drives the run.
@@ -22,12 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
+
+import numpy as np
 
 from .live import STATE_COLORS, STATE_NAMES, LiveState, lookup
 
@@ -35,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 PAGE = "blockpredict"
 REFRESH_MS = 1000
+MAP_SIDE = 420  # pixels of the block map's longer side
+
+# the pages open in a browser now: document id -> (document, its refresh)
+_PAGES: dict[int, tuple[Any, Callable[[], None]]] = {}
 
 
 def install() -> bool:
@@ -77,12 +86,15 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     """Figures and their periodic update, reading ``state()`` at each refresh."""
     from bokeh.layouts import column, row
     from bokeh.models import (
-        AdaptiveTicker,
+        BasicTicker,
         CheckboxGroup,
         ColumnDataSource,
+        CustomJSHover,
         DataTable,
         Div,
+        HoverTool,
         LinearColorMapper,
+        NumeralTickFormatter,
         Range1d,
         Slider,
         TableColumn,
@@ -92,25 +104,40 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     doc.title = "Dask: blockpredict"
     header = Div(text="<h2>blockpredict</h2><p>no blockpredict run in this process yet</p>")
     legend = Div(text=_legend())
-    image = ColumnDataSource({"image": [_empty()], "dw": [1], "dh": [1]})
+    image = ColumnDataSource({"image": [np.zeros((1, 1), np.uint8)], "dw": [1], "dh": [1]})
     block_map = figure(
         title="block map",
         width=520,
         height=520,
-        x_range=Range1d(0, 1),
-        y_range=Range1d(1, 0),
+        x_range=Range1d(-0.5, 0.5),
+        y_range=Range1d(0.5, -0.5),
         tools="pan,wheel_zoom,reset",
         toolbar_location="above",
         name="block_map",
         css_classes=["blockpredict-block-map"],
     )
     mapper = LinearColorMapper(palette=list(STATE_COLORS), low=-0.5, high=len(STATE_COLORS) - 0.5)
-    block_map.image(image="image", x=0, y=0, dw="dw", dh="dh", source=image, color_mapper=mapper)
-    block_map.xaxis.axis_label, block_map.yaxis.axis_label = "block x", "block y"
+    cells = block_map.image(
+        image="image", x=-0.5, y=-0.5, dw="dw", dh="dh", source=image, color_mapper=mapper
+    )
+    state_name = CustomJSHover(code=f"return {list(STATE_NAMES)!r}[value] ?? ''")
+    block_map.add_tools(
+        HoverTool(
+            renderers=[cells],
+            tooltips=[("block (x, y)", "($x{0}, $y{0})"), ("state", "@image{state}")],
+            formatters={"@image": state_name},
+        )
+    )
+    block_map.xaxis.axis_label = "block x (index in the block grid)"
+    block_map.yaxis.axis_label = "block y (index in the block grid)"
     for axis in (block_map.xaxis, block_map.yaxis):
-        axis.ticker = AdaptiveTicker(min_interval=1, num_minor_ticks=0)
+        axis.ticker = BasicTicker(min_interval=1, num_minor_ticks=0)
+        axis.formatter = NumeralTickFormatter(format="0")
     layer = Slider(start=0, end=1, value=0, step=1, title="block layer z", width=500)
-    projection = CheckboxGroup(labels=["worst state over all z layers"], active=[])
+    projection = CheckboxGroup(
+        labels=["all z layers (the most telling state: failed, in flight, pending, done)"],
+        active=[],
+    )
     rates = ColumnDataSource({"time": [], "blocks": [], "voxels": []})
     voxels = figure(title="output voxels/s", x_axis_type="datetime", width=520, height=230)
     voxels.line("time", "voxels", source=rates, line_width=2)
@@ -135,19 +162,30 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     )
     failed_title = Div(text="<h3>failed blocks</h3>")
 
+    shown: dict[str, Any] = {}
+
     def update() -> None:
         live = state()
         if live is None or live.plan is None:
             return
-        grid = tuple(live.plan.grid_shape)
-        layers = max(1, live.states.size // max(1, _plane(grid))) if live.states is not None else 1
-        layer.end = max(1, layers - 1)
-        layer.visible = projection.visible = layers > 1
-        z = None if (0 in projection.active or layers == 1) else int(layer.value)
+        cells = live.map
+        layer.end = max(1, cells.layers - 1)
+        layer.visible = projection.visible = cells.layers > 1
+        z = None if (0 in projection.active or cells.layers == 1) else int(layer.value)
+        layer.disabled = z is None  # the slider does nothing while all layers are shown
         codes = live.block_map(z)
-        ny, nx = codes.shape
-        image.data = {"image": [codes], "dw": [nx], "dh": [ny]}
-        block_map.x_range.end, block_map.y_range.start = nx, ny
+        if shown.get("codes") is None or not np.array_equal(shown["codes"], codes):
+            shown["codes"] = codes  # the browser gets the image only when it changed
+            h, w = codes.shape
+            image.data = {"image": [codes], "dw": [w * cells.step], "dh": [h * cells.step]}
+        # block indices at the centres of the blocks: integer ticks, no 0.5
+        block_map.x_range.end, block_map.y_range.start = cells.nx - 0.5, cells.ny - 0.5
+        if shown.get("grid") != (cells.ny, cells.nx):  # square blocks: the grid's aspect
+            shown["grid"] = (cells.ny, cells.nx)
+            longest = max(cells.ny, cells.nx)
+            block_map.frame_width = max(80, round(MAP_SIDE * cells.nx / longest))
+            block_map.frame_height = max(80, round(MAP_SIDE * cells.ny / longest))
+        block_map.title.text = _map_title(cells.step, cells.layers, z)
         header.text = _header(live)
         samples = list(live.throughput)
         rates.data = {
@@ -160,15 +198,17 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
             "phase": list(phases.data["phase"]),
             "seconds": [live.phase_totals[p] / n for p in ("read", "compute", "write")],
         }
-        shown = list(live.failures)
+        failed = list(live.failures)
         failures.data = {
-            "block": [f["block"] for f in shown],
-            "index": [str(tuple(f["index"])) for f in shown],
-            "worker": [f["worker"] for f in shown],
-            "error": [f["error"] for f in shown],
+            "block": [f["block"] for f in failed],
+            "index": [str(tuple(f["index"])) for f in failed],
+            "worker": [f["worker"] for f in failed],
+            "error": [f["error"] for f in failed],
         }
         failed_title.text = f"<h3>failed blocks ({live.failed})</h3>"
 
+    _PAGES[id(doc)] = (doc, update)
+    doc.on_session_destroyed(lambda context: _PAGES.pop(id(doc), None))
     doc.add_root(
         column(
             header,
@@ -182,15 +222,80 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     doc.add_periodic_callback(update, REFRESH_MS)
 
 
-def _plane(grid: tuple[int, ...]) -> int:
-    ny, nx = ((1, 1) + grid)[-2:]
-    return ny * nx
+def show_final(timeout: float = 3.0) -> None:
+    """Have every open page draw the run's final state now, before its server closes.
+
+    A page whose server is gone keeps what it last drew, so an open tab shows how the run
+    ended. Returns at once when no page is open.
+    """
+    drawn = []
+    for key, (doc, update) in list(_PAGES.items()):
+        if not _connected(doc):  # no browser on it now, or its server is gone
+            _PAGES.pop(key, None)
+            continue
+        event = threading.Event()
+
+        def draw(update: Callable[[], None] = update, event: threading.Event = event) -> None:
+            try:
+                update()
+            finally:
+                event.set()
+
+        try:
+            doc.add_next_tick_callback(draw)  # Bokeh's way in from another thread
+        except Exception as e:  # a session closing at this moment
+            logger.debug("page not refreshed: %s", e)
+            _PAGES.pop(key, None)
+            continue
+        drawn.append((key, event))
+    deadline = time.monotonic() + timeout
+    for key, event in drawn:
+        if not event.wait(max(0.0, deadline - time.monotonic())):
+            _PAGES.pop(key, None)  # its loop is not running: forget it
+    if drawn:
+        time.sleep(0.2)  # the last patch leaves the server's loop
 
 
-def _empty() -> Any:
-    import numpy as np
+def _connected(doc: Any) -> bool:
+    """Whether a browser is connected to this document's session now."""
+    session = getattr(getattr(doc, "session_context", None), "session", None)
+    return session is not None and not session.destroyed and session.connection_count > 0
 
-    return np.zeros((1, 1), np.uint8)
+
+def linger(seconds: float, client: Any) -> None:
+    """Keep the page up ``seconds`` after the run, or until Ctrl-C (SIGINT) or SIGTERM.
+
+    The workers are let go first (``scale(0)`` where blockpredict started the cluster), so
+    batch jobs and GPUs are not held; the scheduler and its dashboard stay.
+    """
+    cluster = getattr(client, "cluster", None)
+    if cluster is not None and hasattr(cluster, "scale"):
+        try:
+            cluster.scale(0)
+        except Exception as e:  # the page matters more than the workers' early exit
+            logger.debug("workers not scaled down: %s", e)
+    done = threading.Event()
+    try:
+        previous = {s: signal.signal(s, lambda *_: done.set()) for s in _ENDS}
+    except ValueError:  # not the main thread: the time only
+        previous = {}
+    try:
+        done.wait(seconds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+_ENDS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _map_title(step: int, layers: int, z: int | None) -> str:
+    """What one pixel of the block map is."""
+    what = f"block layer z = {z}" if z is not None else "all z layers"
+    if layers == 1:
+        what = "block states"
+    cell = f", a cell = {step}x{step} blocks" if step > 1 else ""
+    return f"block map: {what}{cell}"
 
 
 def _legend() -> str:
@@ -209,9 +314,9 @@ def _header(live: LiveState) -> str:
     lines = [
         f"<h2>blockpredict: {status}</h2>",
         f"<p>output: {live.output_path} &nbsp; block grid {tuple(live.plan.grid_shape)}</p>",
-        f"<p>done {c['done']}/{c['total']} ({c['processed']} processed, {c['skipped']} skipped"
-        f" by resume), {c['failed']} failed, {c['retries']} retries, {c['in_flight']} in flight,"
-        f" {c['workers']} workers</p>",
+        f"<p>done {c['done']:,}/{c['total']:,} ({c['processed']:,} processed, {c['skipped']:,}"
+        f" skipped by resume), {c['failed']:,} failed, {c['retries']:,} retries,"
+        f" {c['in_flight']} in flight, {c['workers']} workers</p>",
     ]
     if live.ended and live.summary:
         lines.append(f"<pre>{live.summary}</pre>")

@@ -210,8 +210,9 @@ def _model_config(workflow: dict[str, Any]) -> ModelConfig:
     return ModelConfig.model_validate(section)
 
 
-def run_demo(folder: Path) -> int:
-    """Make the demo files and predict them on a local cluster."""
+def run_demo(folder: Path, dashboard_linger: float | None = None) -> int:
+    """Make the demo files and predict them on a local cluster; with ``dashboard_linger``,
+    the dashboard page stays up that many seconds after the run."""
     folder = folder.resolve()
     print(
         f"writing a synthetic {SHAPE} volume and a U-Net trained on it ({TRAIN_STEPS} steps) "
@@ -219,7 +220,8 @@ def run_demo(folder: Path) -> int:
         file=sys.stderr,
     )
     path = write_demo_files(folder)
-    report = predict_workflow(load_workflow(path))
+    linger = [] if dashboard_linger is None else [f"execution.dashboard_linger={dashboard_linger}"]
+    report = predict_workflow(load_workflow(path, linger))
     print(report.summary(), file=sys.stderr)
     print(f"workflow: {path}")
     print(f"output: {report.output_path}")

@@ -5,7 +5,9 @@ reads. For local and batch clusters that process also runs the Dask scheduler,
 so the scheduler's dashboard page reads it in memory (:func:`lookup` by the
 scheduler's address); for ``type: address`` the page is served by the
 blockpredict process itself. Memory: the ledger's one byte per block is shared,
-plus one bit per block for "skipped by resume" and the blocks in flight.
+plus one bit per block for "skipped by resume", the blocks in flight and the
+block map's per-cell counts (:mod:`blockpredict.blockmap`), which the runner's
+results update so that a refresh of the page never reads the whole ledger.
 """
 
 from __future__ import annotations
@@ -18,12 +20,23 @@ from typing import Any
 
 import numpy as np
 
+from .blockmap import (
+    DONE_NOW,
+    FAILED_NOW,
+    IN_FLIGHT,
+    MAX_SIDE,
+    PENDING,
+    SKIPPED,
+    SLAB,
+    STATE_COLORS,
+    STATE_NAMES,
+    BlockMap,
+)
 from .ledger import DONE, FAILED
 from .observe import RunObserver
 
-PENDING, IN_FLIGHT, DONE_NOW, FAILED_NOW, SKIPPED = range(5)
-STATE_NAMES = ("pending", "in flight", "done", "failed", "skipped by resume")
-STATE_COLORS = ("#d9d9d9", "#f2b701", "#2ca02c", "#d62728", "#1f77b4")
+__all__ = ["DONE_NOW", "FAILED_NOW", "IN_FLIGHT", "PENDING", "SKIPPED", "STATE_COLORS"]
+__all__ += ["STATE_NAMES", "LiveState", "lookup", "publish"]
 
 RATE_WINDOW = 10.0  # seconds of history behind each rate sample
 
@@ -52,12 +65,16 @@ def lookup(address: str | None = None) -> LiveState | None:
 class LiveState(RunObserver):
     """Block states, throughput over time, phase times and failures of one run."""
 
-    def __init__(self, output_path: str = "", history: int = 3600) -> None:
+    def __init__(
+        self, output_path: str = "", history: int = 3600, max_side: int = MAX_SIDE
+    ) -> None:
         self.output_path = output_path
+        self.max_side = max_side  # cells per side of the block map
         self.lock = threading.Lock()
         self.plan: Any = None
         self.states: np.ndarray | None = None  # the ledger's own array (not a copy)
         self.skipped_bits = np.zeros(0, np.uint8)
+        self.map = BlockMap(())
         self.in_flight: set[int] = set()
         self.processed = self.failed = self.retries = self.skipped = 0
         self.workers: set[str] = set()
@@ -73,19 +90,31 @@ class LiveState(RunObserver):
     def run_started(self, plan: Any, ledger: Any, workers: int) -> None:
         with self.lock:
             self.plan, self.states = plan, ledger.states
-            self.skipped_bits = np.packbits(ledger.states == DONE)
-            self.skipped = int(np.count_nonzero(ledger.states == DONE))
+            states = ledger.states  # a slab at a time: no temporary the size of the ledger
+            slabs = [np.packbits(states[i : i + SLAB] == DONE) for i in range(0, states.size, SLAB)]
+            self.skipped_bits = np.concatenate(slabs) if slabs else np.zeros(0, np.uint8)
+            self.map = BlockMap(plan.grid_shape, self.max_side)
+            self.map.load(states)
+            self.skipped = int(self.map.counts[SKIPPED].sum())
             self.voxels_per_block = math.prod(plan.output_shape) / max(1, plan.num_blocks)
             self.start = time.time()
             self._samples.append((time.monotonic(), 0))
 
     def blocks_submitted(self, block_ids: Any) -> None:
         with self.lock:
-            self.in_flight.update(block_ids)
+            for block_id in block_ids:
+                if block_id not in self.in_flight:  # not a block resent after a timeout
+                    self.map.submitted(block_id)
+                    self.in_flight.add(block_id)
+
+    def _left_flight(self, block_id: int, new: int) -> None:
+        old = IN_FLIGHT if block_id in self.in_flight else PENDING
+        self.in_flight.discard(block_id)
+        self.map.move(block_id, old, new)
 
     def block_finished(self, result: Any) -> None:
         with self.lock:
-            self.in_flight.discard(result.block_id)
+            self._left_flight(result.block_id, DONE_NOW)
             self.processed += 1
             self.workers.add(result.worker)
             for phase in self.phase_totals:
@@ -93,10 +122,11 @@ class LiveState(RunObserver):
 
     def block_failed(self, result: Any, final: bool) -> None:
         with self.lock:
-            self.in_flight.discard(result.block_id)
+            self._left_flight(result.block_id, FAILED_NOW if final else PENDING)
             if not final:
                 self.retries += 1
                 return
+            self.map.failed.add(result.block_id)
             self.failed += 1
             index = list(self.plan.block_index(result.block_id)) if self.plan else []
             self.failures.append(
@@ -124,30 +154,27 @@ class LiveState(RunObserver):
     def run_ended(self, report: Any) -> None:
         self.tick()
         with self.lock:
-            self.in_flight.clear()
+            for block_id in list(self.in_flight):  # cancelled by a stop: pending again
+                self._left_flight(block_id, PENDING)
             self.ended = True
             self.summary = report.summary()
 
     # read side (the dashboard): copies, taken under the lock
 
-    def block_map(self, z: int | None = None, max_side: int = 512) -> np.ndarray:
-        """2D state codes of the block grid at grid layer ``z`` (or the worst state over
-        all layers when ``z`` is None), strided down to at most ``max_side`` per side.
+    def block_map(self, z: int | None = None) -> np.ndarray:
+        """The block map's state codes: block layer ``z``, or the most telling state over
+        all layers when ``z`` is None; at most ``MAX_SIDE`` cells per side.
 
-        Only the layers shown are decoded, one at a time: memory stays at one layer.
+        The projection costs O(cells) (counts kept as results arrive); a layer costs
+        O(blocks of that layer).
         """
         if self.plan is None or self.states is None:
             return np.zeros((1, 1), np.uint8)
-        grid = tuple(self.plan.grid_shape)
-        ny, nx = ((1,) * 2 + grid)[-2:]
-        layers = self.states.size // (ny * nx)
-        step = max(1, math.ceil(max(ny, nx) / max_side))
-        if z is not None:
-            return self._layer(min(max(z, 0), layers - 1), ny, nx)[::step, ::step].copy()
-        top = np.zeros((ny, nx), np.uint8)
-        for layer in range(layers):
-            np.maximum(top, _RANK[self._layer(layer, ny, nx)], out=top)
-        return _CODE_OF_RANK[top][::step, ::step].copy()
+        ny, nx, layers = self.map.ny, self.map.nx, self.map.layers
+        if z is None or layers == 1:
+            with self.lock:
+                return self.map.projection()
+        return self.map.layer(self._layer(min(max(z, 0), layers - 1), ny, nx))
 
     def _layer(self, layer: int, ny: int, nx: int) -> np.ndarray:
         assert self.states is not None
@@ -155,6 +182,7 @@ class LiveState(RunObserver):
         with self.lock:
             states = self.states[lo:hi].copy()
             in_flight = [i - lo for i in self.in_flight if lo <= i < hi]
+            retried = [i for i in np.flatnonzero(states == FAILED) if i + lo not in self.map.failed]
         first = lo // 8  # unpack only this layer's bytes
         packed = self.skipped_bits[first : (hi + 7) // 8]
         bits = np.unpackbits(packed)[lo - 8 * first : hi - 8 * first].astype(bool)
@@ -162,10 +190,11 @@ class LiveState(RunObserver):
         codes[states == DONE] = DONE_NOW
         codes[bits & (states == DONE)] = SKIPPED
         codes[states == FAILED] = FAILED_NOW
+        codes[retried] = PENDING  # failed in an earlier run, and failed again since: to be retried
         if in_flight:
             ids = np.asarray(in_flight, np.int64)
             codes[ids[states[ids] != DONE]] = IN_FLIGHT
-        return codes.reshape(ny, nx)
+        return codes
 
     def counts(self) -> dict[str, Any]:
         with self.lock:
@@ -181,8 +210,3 @@ class LiveState(RunObserver):
                 "workers": len(self.workers),
                 "ended": self.ended,
             }
-
-
-# worst state first: failed > in flight > pending > done > skipped by resume
-_RANK = np.array([2, 3, 1, 4, 0], np.uint8)  # code -> rank
-_CODE_OF_RANK = np.array([SKIPPED, DONE_NOW, PENDING, IN_FLIGHT, FAILED_NOW], np.uint8)

@@ -356,7 +356,7 @@ def execute(
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
-    from .dashboard import install, page_url
+    from .dashboard import install, linger, page_url, show_final
     from .runner import run, signals_restored
 
     out = prepared.output
@@ -385,7 +385,7 @@ def execute(
     ):
         logger.info("dashboard: %s", client.dashboard_link)
         if page:
-            logger.info("blockpredict page: %s", page)
+            logger.info("blockpredict page: %s (%s)", page, _page_lasts(execution))
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
@@ -397,7 +397,7 @@ def execute(
             )
             reset_events(events_path(info.path))
         expected = cluster.adapt.maximum if cluster.adapt else cluster.n_workers
-        return run(
+        report = run(
             client,
             job,
             ledger,
@@ -405,6 +405,17 @@ def execute(
             progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
         )
+        show_final()  # open pages draw how the run ended before the cluster closes
+        if page and execution.dashboard_linger and not report.interrupted:
+            logger.info("%s: the page stays up (Ctrl-C to close it)", _page_lasts(execution))
+            linger(execution.dashboard_linger, client)
+        return report
+
+
+def _page_lasts(execution: ExecutionConfig) -> str:
+    if execution.dashboard_linger:
+        return f"up until {execution.dashboard_linger:g} s after the run"
+    return "closes with the run; --dashboard-linger S keeps it up after"
 
 
 def predict_workflow(workflow: Workflow, progress: bool = True) -> RunReport:
