@@ -24,10 +24,11 @@ import pytest
 import torch
 import zarr
 from conftest import make_input, read_output, write_workflow
-from s3server import FlakyProxy, moto_server, set_auth
+from s3server import moto_server, set_auth
 
 from blockpredict import stores
 from blockpredict.cache import ChunkCache
+from blockpredict.loopback import LoopbackProxy
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
@@ -210,7 +211,7 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
 def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
     """One request in ten answers 503; botocore's own retries are off and so are block retries."""
     tmp_path, bucket, data = setup
-    with FlakyProxy(endpoint, every=10) as proxy:
+    with LoopbackProxy(endpoint, fail_every=10) as proxy:
         path = workflow(
             tmp_path,
             f"s3://{bucket}/in.zarr",
