@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 SCHEMES = ("s3", "gs", "gcs", "http", "https", "file")
 READ_ONLY_SCHEMES = ("http", "https")
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
+# a conditional create: S3's If-None-Match: *, GCS's ifGenerationMatch=0 (fsspec mode="create")
+CONDITIONAL_SCHEMES = ("s3", "gs", "gcs")
 # transient errors: this many attempts, sleeping up to min(CAP, BASE * 2**n), full jitter
 ATTEMPTS = 8
 BASE_S = 0.05
@@ -84,8 +87,6 @@ def join(container: str | Path, dataset: str) -> str:
     """A dataset inside a container, as a path or a URL."""
     if is_url(container):
         return str(container).rstrip("/") + "/" + dataset.strip("/")
-    import os
-
     return os.path.join(str(container), dataset)
 
 
@@ -115,18 +116,23 @@ def is_transient(error: BaseException) -> bool:
         "ConnectTimeoutError",
         "IncompleteRead",
         "ResponseParserError",
+        "ProxyError",  # gcsfs: a 502 answer
+        "ChunkedEncodingError",
     ):
         return True
     if isinstance(error, OSError):
         text = str(error)
+        if text.startswith("Forbidden"):  # gcsfs: a 403 answer
+            return False
         return error.errno in TRANSIENT_ERRNOS or any(c in text for c in THROTTLE_CODES)
     return False
 
 
 def _status(error: BaseException) -> int | None:
-    status = getattr(error, "status", None)  # aiohttp ClientResponseError
-    if isinstance(status, int):
-        return status
+    for name in ("status", "code"):  # aiohttp ClientResponseError; gcsfs HttpError
+        status = getattr(error, name, None)
+        if isinstance(status, int) and 100 <= status < 600:
+            return status
     response = getattr(error, "response", None)  # botocore ClientError
     if isinstance(response, dict):
         code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -220,8 +226,12 @@ def zarr_store(
     url = str(path)
     if url.startswith("file://"):
         return str(local_path(url))
-    inner = FsspecStore.from_url(url, storage_options=dict(options or {}), read_only=read_only)
-    store: Any = RetryingStore(inner)
+    fs, inner_path = _url_to_fs(url, options, asynchronous=True)
+    if not fs.async_impl:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        fs = AsyncFileSystemWrapper(fs)
+    store: Any = RetryingStore(FsspecStore(fs, path=inner_path, read_only=read_only))
     if cache_bytes > 0 and read_only:
         from .cache import ChunkCache
 
@@ -231,10 +241,8 @@ def zarr_store(
 
 def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
     """A synchronous fsspec filesystem for ``url`` (made in this process) and its path."""
-    from fsspec.core import url_to_fs
-
     try:
-        fs, path = url_to_fs(url, **dict(options or {}))
+        fs, path = _url_to_fs(url, options, asynchronous=False)
     except ImportError as e:  # s3fs, gcsfs or aiohttp missing
         raise InputError(
             f"no filesystem for {urlsplit(url).scheme}:// ({e})",
@@ -245,11 +253,33 @@ def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
     return fs, path
 
 
+def _url_to_fs(url: str, options: Options, asynchronous: bool) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url``; for a GCS emulator, gcsfs's JSON-API class.
+
+    gcsfs >= 2025.9 first asks Google's gRPC control plane whether a bucket is
+    zonal; an emulator (``STORAGE_EMULATOR_HOST`` or ``endpoint_url``) has no
+    such service and each call would wait 60 s for it.
+    """
+    from fsspec.core import url_to_fs
+
+    opts = dict(options or {})
+    if urlsplit(url).scheme.lower() in ("gs", "gcs") and _gcs_emulator(opts):
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(asynchronous=asynchronous, **opts)
+        return fs, fs._strip_protocol(url)
+    fs, path = url_to_fs(url, asynchronous=asynchronous, **opts)
+    return fs, path
+
+
+def _gcs_emulator(options: Mapping[str, Any]) -> bool:
+    endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return bool(endpoint) and "googleapis.com" not in str(endpoint)
+
+
 def exists(path: str | Path, options: Options = None) -> bool:
     """Whether a file, folder or any object under the prefix exists."""
     if not is_url(path):
-        import os
-
         return os.path.exists(path)
     fs, inner = filesystem(str(path), options)
     return bool(retry(lambda: fs.exists(inner), str(path)))
@@ -279,32 +309,51 @@ def check_container(url: str, options: Options, role: str) -> None:
     fs, inner = filesystem(url, options)
     bucket = inner.split("/", 1)[0]
     where = f"{role}.container"
+    endpoint, credentials = HINTS.get(scheme, HINTS["s3"])
     try:
-        if scheme in BUCKET_SCHEMES:
+        try:
             retry(lambda: fs.ls(bucket, detail=False), url)
+        except FileNotFoundError:
+            raise InputError(
+                f"bucket {bucket!r} not found", url, f"check {where} and the endpoint ({endpoint})"
+            ) from None
         if role == "input" and not retry(lambda: fs.exists(inner), url):
-            raise FileNotFoundError(inner)
-    except PermissionError as e:
-        raise InputError(
-            f"access denied to {role} container ({_short(e)})",
-            url,
-            "check the credentials (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) "
-            f"or {role}.storage_options",
-        ) from None
-    except FileNotFoundError as e:
-        if inner.rstrip("/") != bucket and "bucket" not in str(e).lower():
-            raise InputError(f"{role} container not found", url, f"check {where}") from None
-        raise InputError(
-            f"bucket {bucket!r} not found",
-            url,
-            f"check {where} and the endpoint (AWS_ENDPOINT_URL)",
-        ) from None
+            raise InputError(f"{role} container not found", url, f"check {where}")
+    except InputError:
+        raise
     except Exception as e:
+        if is_denied(e):
+            raise InputError(
+                f"access denied to {role} container ({_short(e)})",
+                url,
+                f"check the credentials ({credentials}) or {role}.storage_options",
+            ) from None
         raise InputError(
             f"cannot reach the {role} store ({_short(e)})",
             url,
-            "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials",
+            f"check the endpoint ({endpoint}), the network and the credentials",
         ) from None
+
+
+# scheme: (where its endpoint is set, where its credentials come from)
+HINTS = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_* variables, ~/.aws"),
+    "gs": (
+        "STORAGE_EMULATOR_HOST or storage_options.endpoint_url",
+        "gcloud auth application-default login, GOOGLE_APPLICATION_CREDENTIALS, "
+        "storage_options.token",
+    ),
+}
+HINTS["gcs"] = HINTS["gs"]
+
+
+def is_denied(error: BaseException) -> bool:
+    """Denied credentials: s3fs's PermissionError, gcsfs's ``Forbidden`` or 401."""
+    if isinstance(error, PermissionError):
+        return True
+    if isinstance(error, OSError) and str(error).startswith("Forbidden"):
+        return True
+    return _status(error) in (401, 403)
 
 
 # --- the lock primitive: a conditional create -----------------------------------
@@ -313,13 +362,15 @@ def check_container(url: str, options: Options, role: str) -> None:
 def create_exclusive(url: str, data: bytes, options: Options = None) -> bool:
     """Create the object ``url`` holding ``data`` unless it exists; True if this call made it.
 
-    On S3 this is one ``PutObject`` with ``If-None-Match: *``: the store itself
-    decides, so two runs can never both win. On other stores (GCS through
-    fsspec, S3-compatible stores that ignore the header) it falls back to
-    check-then-write, which cannot exclude two runs starting in the same moment.
+    On S3 this is one ``PutObject`` with ``If-None-Match: *``, on GCS one upload
+    with ``ifGenerationMatch=0`` (the store answers 412 when the object exists):
+    the store itself decides, so two runs can never both win, where it honours
+    the condition (S3-compatible stores that ignore the header, and emulators,
+    let both writes through). Other schemes check, then write, which cannot
+    exclude two runs starting in the same moment.
     """
     fs, inner = filesystem(url, options)
-    if urlsplit(url).scheme.lower() == "s3":
+    if urlsplit(url).scheme.lower() in CONDITIONAL_SCHEMES:
         try:
             retry(lambda: fs.pipe_file(inner, data, mode="create"), url)
             return True
