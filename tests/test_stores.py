@@ -278,21 +278,57 @@ def test_missing_dataset_in_the_bucket(setup):
     assert nothing_in(bucket)
 
 
-def test_wrong_credentials(setup, endpoint):
+def test_wrong_credentials(setup, endpoint, monkeypatch, capsys):
     """moto checks keys against its IAM users once told to (moto-api/reset-auth).
 
-    Only the refusal is checked with auth on: moto's signature check rejects
-    aiobotocore's requests even with a valid IAM key (boto3's pass), so the
-    accepted path is what every other test here runs, with auth off.
+    A whole run with a valid key and auth on is not possible against moto 5.2:
+    it recomputes SigV4 from the decoded query, so any query value holding "/"
+    (s3fs lists with ``delimiter=/`` and ``prefix=path/``) fails with
+    SignatureDoesNotMatch whatever the key; boto3's own ``list_objects_v2(...,
+    Delimiter="/")`` fails the same way. Object reads pass, so a valid IAM key
+    reading an object is the control that the refusal is about the key.
     """
+    import boto3
+
+    from blockpredict.cli import main
+
     tmp_path, bucket, _ = setup
     path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    iam = boto3.client("iam")
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.attach_user_policy(UserName=user, PolicyArn=admin_policy(iam))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    valid = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    zarr_json = f"s3://{bucket}/in.zarr/raw/zarr.json"
     set_auth(endpoint, True)
     try:
-        bad(path, "access denied", {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "x"})
+        assert stores.read_object(zarr_json, {**valid, "skip_instance_cache": True})
+        with pytest.raises(PermissionError):
+            stores.read_object(zarr_json, {"key": "wrong", "secret": "x"})
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # instances made with the test keys
+        code = main(["predict", str(path), "--report", str(tmp_path / "report.json")])
     finally:
         set_auth(endpoint, False)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: access denied to input container"), lines[0]
+    assert "does not exist in our records" in lines[0]  # moto's InvalidAccessKeyId
+    assert not (tmp_path / "report.json").exists()
     assert nothing_in(bucket)
+
+
+def admin_policy(iam) -> str:
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    name = f"all-{uuid.uuid4().hex[:8]}"
+    return iam.create_policy(PolicyName=name, PolicyDocument=json.dumps(document))["Policy"]["Arn"]
 
 
 # --- the store primitives ------------------------------------------------------------------
