@@ -9,8 +9,10 @@ bad input goes through the CLI's ``main`` in this process (it returns the exit c
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,17 +118,33 @@ def test_gs_run_equals_a_local_run_and_a_rerun_skips_every_block(
     assert again.blocks_processed == 0 and again.blocks_skipped == 64
 
 
-def test_the_gcs_lock_is_a_conditional_create(gcs, bucket):
-    """``ifGenerationMatch=0``: the store refuses a second lock (the emulator honours it here)."""
+def test_the_gcs_lock_is_a_conditional_create(gcs, bucket, monkeypatch):
+    """``ifGenerationMatch=0``: the store refuses a second lock (the emulator honours it here).
+
+    Two runs that start together both see no lock when each request takes 0.5 s
+    (a proxy adds it): only the store's condition lets exactly one of them win.
+    The emulator is found the other documented way here, ``STORAGE_EMULATOR_HOST``.
+    """
     url = f"gs://{bucket}/out.zarr/pred"
-    first = OutputLock(url, gcs)
+    options = {"token": "anon", "skip_instance_cache": True}
+    with LoopbackProxy(gcs["endpoint_url"], delay=0.5) as slow:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", slow.endpoint)
+        barrier = threading.Barrier(2)
+
+        def attempt(n: int) -> bool:
+            barrier.wait()
+            return stores.create_exclusive(f"{url}-race.lock", b"%d" % n, options)
+
+        with ThreadPoolExecutor(2) as pool:
+            assert sorted(pool.map(attempt, range(2))) == [False, True]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs["endpoint_url"])
+    first = OutputLock(url, options)
     first.acquire()
     with pytest.raises(OutputLockedError, match="another run writes this output"):
-        OutputLock(url, gcs).acquire()
-    assert not stores.create_exclusive(url + ".lock", b"other", gcs)
+        OutputLock(url, options).acquire()
     first.release()
-    assert stores.read_object(url + ".lock", gcs) is None
-    assert stores.create_exclusive(url + ".lock", b"mine", gcs)
+    assert stores.read_object(url + ".lock", options) is None
+    assert stores.create_exclusive(url + ".lock", b"mine", options)
 
 
 def test_http_input_with_transient_errors_equals_a_local_run(

@@ -256,7 +256,7 @@ def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
 def _url_to_fs(url: str, options: Options, asynchronous: bool) -> tuple[Any, str]:
     """fsspec's filesystem for ``url``; for a GCS emulator, gcsfs's JSON-API class.
 
-    gcsfs >= 2025.9 first asks Google's gRPC control plane whether a bucket is
+    Recent gcsfs (2026.10) first asks Google's gRPC control plane whether a bucket is
     zonal; an emulator (``STORAGE_EMULATOR_HOST`` or ``endpoint_url``) has no
     such service and each call would wait 60 s for it.
     """
