@@ -26,6 +26,7 @@ import zarr
 from conftest import make_input, read_output, write_workflow
 from s3server import moto_server, set_auth
 
+import blockpredict
 from blockpredict import stores
 from blockpredict.cache import ChunkCache
 from blockpredict.loopback import LoopbackProxy
@@ -208,23 +209,59 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     )
 
 
-def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
-    """One request in ten answers 503; botocore's own retries are off and so are block retries."""
+def test_transient_errors_are_retried_inside_the_read_and_the_write(
+    setup, endpoint, cluster_address, monkeypatch
+):
+    """One request in ten answers 503; botocore's own retries are off and so are block retries.
+
+    Through the Python API on the session's cluster: its workers were started before
+    moto, so the endpoint and keys travel as storage options.
+    """
     tmp_path, bucket, data = setup
+    monkeypatch.chdir(tmp_path)  # the event log of a URL output is kept locally, here
     with LoopbackProxy(endpoint, fail_every=10) as proxy:
-        path = workflow(
-            tmp_path,
-            f"s3://{bucket}/in.zarr",
-            f"s3://{bucket}/out.zarr",
-            storage_options=NO_BOTO_RETRIES,
+        options = {
+            "key": AWS["AWS_ACCESS_KEY_ID"],
+            "secret": AWS["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"},
+            **NO_BOTO_RETRIES,
+        }
+        report = blockpredict.predict(
+            mean_model(),
+            input={
+                "container": f"s3://{bucket}/in.zarr",
+                "dataset": "raw",
+                "storage_options": options,
+            },
+            output={
+                "container": f"s3://{bucket}/out.zarr",
+                "dataset": "pred",
+                "storage_options": options,
+            },
+            cluster={"type": "address", "address": cluster_address},
             execution={"max_retries": 0},
+            progress=False,
         )
-        report = predict(path, AWS_ENDPOINT_URL=proxy.endpoint)
     assert proxy.failures >= 10  # the run really met errors
-    assert report["blocks_processed"] == 64 and report["retries"] == 0
+    assert report.blocks_processed == 64 and report.retries == 0
     np.testing.assert_allclose(
         read_url(f"s3://{bucket}/out.zarr/pred/s0")[0], expected(data), atol=1e-6
     )
+
+
+def mean_model() -> blockpredict.Model:
+    """The factory's model without its delay: a 3x3x3 mean filter, 10^3 in, 8^3 out."""
+    from funlib.geometry import Coordinate
+
+    from blockpredict.architectures import WrappedArchitecture
+
+    arch = WrappedArchitecture(
+        torch.nn.AvgPool3d(3, stride=1),
+        input_shape=Coordinate(10, 10, 10),
+        num_in_channels=1,
+        num_out_channels=1,
+    )
+    return blockpredict.Model(arch, torch.nn.Identity())
 
 
 # --- bad input: one line, exit code 2, nothing written -------------------------------
