@@ -27,7 +27,7 @@ from conftest import make_input, read_output, write_workflow
 from s3server import moto_server, set_auth
 
 import blockpredict
-from blockpredict import stores
+from blockpredict import retries, stores
 from blockpredict.cache import ChunkCache
 from blockpredict.loopback import LoopbackProxy
 
@@ -403,17 +403,17 @@ def test_transient_errors_are_told_from_permanent_ones():
             {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op"
         )
 
-    assert stores.is_transient(client_error(503, "SlowDown"))
-    assert stores.is_transient(client_error(500, "InternalError"))
-    assert stores.is_transient(ConnectionResetError())
-    assert stores.is_transient(OSError(16, "Service Unavailable"))  # s3fs: 503, SlowDown
-    assert stores.is_transient(OSError(5, "InternalError"))
-    assert not stores.is_transient(FileNotFoundError("no such key"))
-    assert not stores.is_transient(PermissionError("denied"))
-    assert not stores.is_transient(client_error(404, "NoSuchKey"))
-    assert not stores.is_transient(ValueError("bug"))
-    delays = [stores.backoff_delay(n) for n in range(30)]
-    assert all(0 <= d <= stores.CAP_S for d in delays)
+    assert retries.is_transient(client_error(503, "SlowDown"))
+    assert retries.is_transient(client_error(500, "InternalError"))
+    assert retries.is_transient(ConnectionResetError())
+    assert retries.is_transient(OSError(16, "Service Unavailable"))  # s3fs: 503, SlowDown
+    assert retries.is_transient(OSError(5, "InternalError"))
+    assert not retries.is_transient(FileNotFoundError("no such key"))
+    assert not retries.is_transient(PermissionError("denied"))
+    assert not retries.is_transient(client_error(404, "NoSuchKey"))
+    assert not retries.is_transient(ValueError("bug"))
+    delays = [retries.backoff_delay(n) for n in range(30)]
+    assert all(0 <= d <= retries.CAP_S for d in delays)
 
 
 def test_the_chunk_cache_serves_repeated_reads_and_stays_bounded(setup):

@@ -25,7 +25,7 @@ from funlib.geometry import Coordinate
 from servers import gcs_server, http_server
 
 import blockpredict
-from blockpredict import stores
+from blockpredict import retries, stores
 from blockpredict.architectures import WrappedArchitecture
 from blockpredict.cli import main
 from blockpredict.lock import OutputLock, OutputLockedError
@@ -236,15 +236,15 @@ def test_gcs_and_http_errors_are_told_transient_or_not():
     import requests
     from gcsfs.retry import HttpError
 
-    assert stores.is_transient(HttpError({"code": 503, "message": "Service Unavailable"}))
-    assert stores.is_transient(HttpError({"code": 429, "message": "rateLimitExceeded"}))
-    assert stores.is_transient(HttpError({"code": 500, "message": "backendError"}))
-    assert stores.is_transient(requests.exceptions.ProxyError())  # gcsfs's 502
-    assert stores.is_transient(aiohttp.ServerDisconnectedError())
+    assert retries.is_transient(HttpError({"code": 503, "message": "Service Unavailable"}))
+    assert retries.is_transient(HttpError({"code": 429, "message": "rateLimitExceeded"}))
+    assert retries.is_transient(HttpError({"code": 500, "message": "backendError"}))
+    assert retries.is_transient(requests.exceptions.ProxyError())  # gcsfs's 502
+    assert retries.is_transient(aiohttp.ServerDisconnectedError())
     info = aiohttp.RequestInfo(aiohttp.client_reqrep.URL("http://h/k"), "GET", {}, None)
-    assert stores.is_transient(aiohttp.ClientResponseError(info, (), status=503))
-    assert not stores.is_transient(aiohttp.ClientResponseError(info, (), status=403))
-    assert not stores.is_transient(HttpError({"code": 401, "message": "Invalid Credentials"}))
-    assert not stores.is_transient(OSError("Forbidden: b/bkt/o\nno access"))  # gcsfs's 403
-    assert stores.is_denied(OSError("Forbidden: b/bkt/o\nno access"))
-    assert stores.is_denied(HttpError({"code": 401, "message": "Invalid Credentials"}))
+    assert retries.is_transient(aiohttp.ClientResponseError(info, (), status=503))
+    assert not retries.is_transient(aiohttp.ClientResponseError(info, (), status=403))
+    assert not retries.is_transient(HttpError({"code": 401, "message": "Invalid Credentials"}))
+    assert not retries.is_transient(OSError("Forbidden: b/bkt/o\nno access"))  # gcsfs's 403
+    assert retries.is_denied(OSError("Forbidden: b/bkt/o\nno access"))
+    assert retries.is_denied(HttpError({"code": 401, "message": "Invalid Credentials"}))

@@ -2,7 +2,7 @@
 
 A local path stays a plain path string, so zarr keeps its local store and
 nothing changes for data on disk. A URL becomes zarr's ``FsspecStore`` wrapped
-in a :class:`RetryingStore` (transient errors retried with capped, jittered
+in a :class:`~blockpredict.retries.RetryingStore` (transient errors retried with capped, jittered
 backoff inside the read or write) and, for inputs read by workers, an
 :class:`~blockpredict.cache.ChunkCache` of recently read chunks.
 
@@ -15,22 +15,17 @@ travel), and fsspec drops its cached instances after a fork.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import os
-import random
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import FsspecStore, WrapperStore
+from zarr.storage import FsspecStore
 
 from .errors import InputError
+from .retries import RetryingStore, is_denied, retry, short
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +34,6 @@ READ_ONLY_SCHEMES = ("http", "https")
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
 # a conditional create: S3's If-None-Match: *, GCS's ifGenerationMatch=0 (fsspec mode="create")
 CONDITIONAL_SCHEMES = ("s3", "gs", "gcs")
-# transient errors: this many attempts, sleeping up to min(CAP, BASE * 2**n), full jitter
-ATTEMPTS = 8
-BASE_S = 0.05
-CAP_S = 5.0
-THROTTLE_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "TooManyRequests", "Unavailable")
-# s3fs maps throttling and 503 to EBUSY, unknown S3 errors to EIO
-TRANSIENT_ERRNOS = (errno.EBUSY, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET)
-T = TypeVar("T")
 Options = Mapping[str, Any] | None
 
 
@@ -88,127 +75,6 @@ def join(container: str | Path, dataset: str) -> str:
     if is_url(container):
         return str(container).rstrip("/") + "/" + dataset.strip("/")
     return os.path.join(str(container), dataset)
-
-
-# --- transient errors and backoff -------------------------------------------
-
-
-def is_transient(error: BaseException) -> bool:
-    """Throttling, 5xx answers, timeouts and reset connections; never a 404 or a denial."""
-    if isinstance(
-        error,
-        FileNotFoundError | PermissionError | FileExistsError | IsADirectoryError,
-    ):
-        return False
-    if isinstance(error, ConnectionError | TimeoutError | asyncio.TimeoutError):
-        return True
-    status = _status(error)
-    if status is not None:
-        return status >= 500 or status == 429
-    name = type(error).__name__
-    if name in (
-        "ServerDisconnectedError",
-        "ClientConnectionError",
-        "ClientOSError",
-        "ClientPayloadError",
-        "EndpointConnectionError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "IncompleteRead",
-        "ResponseParserError",
-        "ProxyError",  # gcsfs: a 502 answer
-        "ChunkedEncodingError",
-    ):
-        return True
-    if isinstance(error, OSError):
-        text = str(error)
-        if text.startswith("Forbidden"):  # gcsfs: a 403 answer
-            return False
-        return error.errno in TRANSIENT_ERRNOS or any(c in text for c in THROTTLE_CODES)
-    return False
-
-
-def _status(error: BaseException) -> int | None:
-    for name in ("status", "code"):  # aiohttp ClientResponseError; gcsfs HttpError
-        status = getattr(error, name, None)
-        if isinstance(status, int) and 100 <= status < 600:
-            return status
-    response = getattr(error, "response", None)  # botocore ClientError
-    if isinstance(response, dict):
-        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return int(code) if code else None
-    return None
-
-
-def backoff_delay(attempt: int) -> float:
-    """Full jitter: uniform in [0, min(CAP_S, BASE_S * 2**attempt)]."""
-    return random.uniform(0.0, min(CAP_S, BASE_S * 2**attempt))
-
-
-async def retry_async(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """Await ``call()``, retrying transient errors with capped, jittered backoff."""
-    for attempt in range(ATTEMPTS):
-        try:
-            return await call()
-        except Exception as e:
-            if not is_transient(e) or attempt == ATTEMPTS - 1:
-                raise
-            delay = backoff_delay(attempt)
-            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def retry(call: Callable[[], T], what: str) -> T:
-    """``call()`` with the same retries, for synchronous filesystem calls."""
-    for attempt in range(ATTEMPTS):
-        try:
-            return call()
-        except Exception as e:
-            if not is_transient(e) or attempt == ATTEMPTS - 1:
-                raise
-            delay = backoff_delay(attempt)
-            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
-class RetryingStore(WrapperStore[FsspecStore]):
-    """Retries every read, write, listing and delete on transient errors.
-
-    A missing key is no error here (``get`` returns None, zarr fills the chunk),
-    so it is never retried. A write that is retried rewrites the whole object:
-    S3 objects appear whole or not at all, so no partial chunk is left behind.
-    """
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return await retry_async(lambda: self._store.get(key, prototype, byte_range), key)
-
-    async def get_partial_values(
-        self,
-        prototype: BufferPrototype,
-        key_ranges: Iterable[tuple[str, ByteRequest | None]],
-    ) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        return await retry_async(
-            lambda: self._store.get_partial_values(prototype, key_ranges), "partial values"
-        )
-
-    async def exists(self, key: str) -> bool:
-        return await retry_async(lambda: self._store.exists(key), key)
-
-    async def set(self, key: str, value: Buffer) -> None:
-        await retry_async(lambda: self._store.set(key, value), key)
-
-    async def delete(self, key: str) -> None:
-        await retry_async(lambda: self._store.delete(key), key)
 
 
 # --- opening ----------------------------------------------------------------
@@ -324,12 +190,12 @@ def check_container(url: str, options: Options, role: str) -> None:
     except Exception as e:
         if is_denied(e):
             raise InputError(
-                f"access denied to {role} container ({_short(e)})",
+                f"access denied to {role} container ({short(e)})",
                 url,
                 f"check the credentials ({credentials}) or {role}.storage_options",
             ) from None
         raise InputError(
-            f"cannot reach the {role} store ({_short(e)})",
+            f"cannot reach the {role} store ({short(e)})",
             url,
             f"check the endpoint ({endpoint}), the network and the credentials",
         ) from None
@@ -345,15 +211,6 @@ HINTS = {
     ),
 }
 HINTS["gcs"] = HINTS["gs"]
-
-
-def is_denied(error: BaseException) -> bool:
-    """Denied credentials: s3fs's PermissionError, gcsfs's ``Forbidden`` or 401."""
-    if isinstance(error, PermissionError):
-        return True
-    if isinstance(error, OSError) and str(error).startswith("Forbidden"):
-        return True
-    return _status(error) in (401, 403)
 
 
 # --- the lock primitive: a conditional create -----------------------------------
