@@ -24,10 +24,12 @@ import pytest
 import torch
 import zarr
 from conftest import make_input, read_output, write_workflow
-from s3server import FlakyProxy, moto_server, set_auth
+from s3server import moto_server, set_auth
 
-from blockpredict import stores
+import blockpredict
+from blockpredict import retries, stores
 from blockpredict.cache import ChunkCache
+from blockpredict.loopback import LoopbackProxy
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
@@ -160,13 +162,29 @@ def ledger_done(url: str) -> int:
 # --- runs ----------------------------------------------------------------------
 
 
-def test_s3_run_equals_a_local_run_and_a_rerun_skips_every_block(setup):
-    """The ledger lies in the bucket, and resume (and ``status``) work from it."""
+def test_s3_run_equals_a_local_run_and_a_rerun_skips_every_block(
+    setup, cluster_address, capsys, monkeypatch
+):
+    """The ledger lies in the bucket, and resume (and ``status``) work from it.
+
+    The S3 run is the real CLI in a subprocess, reaching moto through the standard
+    AWS variables; the local reference runs on the session's cluster, and the rerun
+    and ``status`` go through the CLI's ``main`` in this process (same variables).
+    """
+    from blockpredict.cli import main
+
     tmp_path, bucket, data = setup
-    local = predict(workflow(tmp_path, "in.zarr", "out.zarr", name="local.yaml"), "local.json")
+    monkeypatch.chdir(tmp_path)
+    local = blockpredict.predict(
+        mean_model(),
+        input={"container": str(tmp_path / "in.zarr"), "dataset": "raw"},
+        output={"container": str(tmp_path / "out.zarr"), "dataset": "pred"},
+        cluster={"type": "address", "address": cluster_address},
+        progress=False,
+    )
     path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
     remote = predict(path)
-    assert local["blocks_processed"] == remote["blocks_processed"] == 64
+    assert local.blocks_processed == remote["blocks_processed"] == 64
     got = read_url(f"s3://{bucket}/out.zarr/pred/s0")
     np.testing.assert_array_equal(got, read_output(tmp_path / "out.zarr" / "pred"))
     np.testing.assert_allclose(got[0], expected(data), atol=1e-6)
@@ -176,12 +194,13 @@ def test_s3_run_equals_a_local_run_and_a_rerun_skips_every_block(setup):
         "in.zarr",
         "out.zarr",
     ]  # the S3 run wrote nothing local but its report
-    again = predict(path)
+    report = tmp_path / "again.json"
+    assert main(["predict", str(path), "--report", str(report), "--no-progress"]) == 0
+    again = json.loads(report.read_text())
     assert again["blocks_processed"] == 0 and again["blocks_skipped"] == 64
-    status = cli("status", str(path), cwd=tmp_path)
-    out, err = status.communicate(timeout=120)
-    assert status.returncode == 0, err
-    assert "done: 64/64" in out
+    capsys.readouterr()
+    assert main(["status", str(path)]) == 0
+    assert "done: 64/64" in capsys.readouterr().out
 
 
 def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
@@ -207,33 +226,72 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     )
 
 
-def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpoint):
-    """One request in ten answers 503; botocore's own retries are off and so are block retries."""
+def test_transient_errors_are_retried_inside_the_read_and_the_write(
+    setup, endpoint, cluster_address, monkeypatch
+):
+    """One request in ten answers 503; botocore's own retries are off and so are block retries.
+
+    Through the Python API on the session's cluster: its workers were started before
+    moto, so the endpoint and keys travel as storage options.
+    """
     tmp_path, bucket, data = setup
-    with FlakyProxy(endpoint, every=10) as proxy:
-        path = workflow(
-            tmp_path,
-            f"s3://{bucket}/in.zarr",
-            f"s3://{bucket}/out.zarr",
-            storage_options=NO_BOTO_RETRIES,
+    monkeypatch.chdir(tmp_path)  # the event log of a URL output is kept locally, here
+    with LoopbackProxy(endpoint, fail_every=10) as proxy:
+        options = {
+            "key": AWS["AWS_ACCESS_KEY_ID"],
+            "secret": AWS["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"},
+            **NO_BOTO_RETRIES,
+        }
+        report = blockpredict.predict(
+            mean_model(),
+            input={
+                "container": f"s3://{bucket}/in.zarr",
+                "dataset": "raw",
+                "storage_options": options,
+            },
+            output={
+                "container": f"s3://{bucket}/out.zarr",
+                "dataset": "pred",
+                "storage_options": options,
+            },
+            cluster={"type": "address", "address": cluster_address},
             execution={"max_retries": 0},
+            progress=False,
         )
-        report = predict(path, AWS_ENDPOINT_URL=proxy.endpoint)
     assert proxy.failures >= 10  # the run really met errors
-    assert report["blocks_processed"] == 64 and report["retries"] == 0
+    assert report.blocks_processed == 64 and report.retries == 0
     np.testing.assert_allclose(
         read_url(f"s3://{bucket}/out.zarr/pred/s0")[0], expected(data), atol=1e-6
     )
 
 
+def mean_model() -> blockpredict.Model:
+    """The factory's model without its delay: a 3x3x3 mean filter, 10^3 in, 8^3 out."""
+    from funlib.geometry import Coordinate
+
+    from blockpredict.architectures import WrappedArchitecture
+
+    arch = WrappedArchitecture(
+        torch.nn.AvgPool3d(3, stride=1),
+        input_shape=Coordinate(10, 10, 10),
+        num_in_channels=1,
+        num_out_channels=1,
+    )
+    return blockpredict.Model(arch, torch.nn.Identity())
+
+
 # --- bad input: one line, exit code 2, nothing written -------------------------------
 
 
-def bad(path: Path, phrase: str, env: dict | None = None) -> None:
-    proc = cli("predict", str(path), "--report", "report.json", cwd=path.parent, env=env)
-    out, err = proc.communicate(timeout=120)
+def bad(path: Path, phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's ``main`` in this process (it returns the exit code): one line, exit 2."""
+    from blockpredict.cli import main
+
+    code = main(["predict", str(path), "--report", str(path.parent / "report.json")])
+    err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert proc.returncode == 2, err
+    assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert phrase in lines[0], lines[0]
     assert not (path.parent / "report.json").exists()
@@ -262,36 +320,66 @@ def nothing_in(bucket: str, prefix: str = "out.zarr") -> bool:
         "unknown-scheme",
     ],
 )
-def test_bad_store_input(setup, input, output, phrase):
+def test_bad_store_input(setup, capsys, input, output, phrase):
     tmp_path, bucket, _ = setup
     path = workflow(tmp_path, input.format(b=bucket), output.format(b=bucket))
-    bad(path, phrase)
+    bad(path, phrase, capsys)
     assert nothing_in(bucket)
 
 
-def test_missing_dataset_in_the_bucket(setup):
+def test_missing_dataset_in_the_bucket(setup, capsys):
     tmp_path, bucket, _ = setup
     path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
     path.write_text(path.read_text().replace("dataset: raw", "dataset: nothere"))
-    bad(path, "input dataset 'nothere' not found")
+    bad(path, "input dataset 'nothere' not found", capsys)
     assert nothing_in(bucket)
 
 
-def test_wrong_credentials(setup, endpoint):
+def test_wrong_credentials(setup, endpoint, monkeypatch, capsys):
     """moto checks keys against its IAM users once told to (moto-api/reset-auth).
 
-    Only the refusal is checked with auth on: moto's signature check rejects
-    aiobotocore's requests even with a valid IAM key (boto3's pass), so the
-    accepted path is what every other test here runs, with auth off.
+    A whole run with a valid key and auth on is not possible against moto 5.2:
+    it recomputes SigV4 from the decoded query, so any query value holding "/"
+    (s3fs lists with ``delimiter=/`` and ``prefix=path/``) fails with
+    SignatureDoesNotMatch whatever the key; boto3's own ``list_objects_v2(...,
+    Delimiter="/")`` fails the same way. Object reads pass, so a valid IAM key
+    reading an object is the control that the refusal is about the key.
     """
+    import boto3
+    import s3fs
+
     tmp_path, bucket, _ = setup
     path = workflow(tmp_path, f"s3://{bucket}/in.zarr", f"s3://{bucket}/out.zarr")
+    iam = boto3.client("iam")
+    user = f"u{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.attach_user_policy(UserName=user, PolicyArn=admin_policy(iam))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    valid = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    zarr_json = f"s3://{bucket}/in.zarr/raw/zarr.json"
     set_auth(endpoint, True)
     try:
-        bad(path, "access denied", {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "x"})
+        assert stores.read_object(zarr_json, {**valid, "skip_instance_cache": True})
+        with pytest.raises(PermissionError):
+            stores.read_object(zarr_json, {"key": "wrong", "secret": "x"})
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+        s3fs.S3FileSystem.clear_instance_cache()  # instances made with the test keys
+        denied = "access denied to input container (PermissionError: The AWS Access Key Id"
+        bad(path, denied, capsys)  # moto's InvalidAccessKeyId: the key, not the signature
     finally:
         set_auth(endpoint, False)
+        s3fs.S3FileSystem.clear_instance_cache()  # instances made with the wrong keys
     assert nothing_in(bucket)
+
+
+def admin_policy(iam) -> str:
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
+    name = f"all-{uuid.uuid4().hex[:8]}"
+    return iam.create_policy(PolicyName=name, PolicyDocument=json.dumps(document))["Policy"]["Arn"]
 
 
 # --- the store primitives ------------------------------------------------------------------
@@ -332,17 +420,17 @@ def test_transient_errors_are_told_from_permanent_ones():
             {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "op"
         )
 
-    assert stores.is_transient(client_error(503, "SlowDown"))
-    assert stores.is_transient(client_error(500, "InternalError"))
-    assert stores.is_transient(ConnectionResetError())
-    assert stores.is_transient(OSError(16, "Service Unavailable"))  # s3fs: 503, SlowDown
-    assert stores.is_transient(OSError(5, "InternalError"))
-    assert not stores.is_transient(FileNotFoundError("no such key"))
-    assert not stores.is_transient(PermissionError("denied"))
-    assert not stores.is_transient(client_error(404, "NoSuchKey"))
-    assert not stores.is_transient(ValueError("bug"))
-    delays = [stores.backoff_delay(n) for n in range(30)]
-    assert all(0 <= d <= stores.CAP_S for d in delays)
+    assert retries.is_transient(client_error(503, "SlowDown"))
+    assert retries.is_transient(client_error(500, "InternalError"))
+    assert retries.is_transient(ConnectionResetError())
+    assert retries.is_transient(OSError(16, "Service Unavailable"))  # s3fs: 503, SlowDown
+    assert retries.is_transient(OSError(5, "InternalError"))
+    assert not retries.is_transient(FileNotFoundError("no such key"))
+    assert not retries.is_transient(PermissionError("denied"))
+    assert not retries.is_transient(client_error(404, "NoSuchKey"))
+    assert not retries.is_transient(ValueError("bug"))
+    delays = [retries.backoff_delay(n) for n in range(30)]
+    assert all(0 <= d <= retries.CAP_S for d in delays)
 
 
 def test_the_chunk_cache_serves_repeated_reads_and_stays_bounded(setup):

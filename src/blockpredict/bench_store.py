@@ -9,70 +9,21 @@ requests the store answered and the seconds spent reading.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import socket
-import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 from funlib.geometry import Coordinate
 
 from .cache import DEFAULT_BYTES
+from .loopback import LoopbackProxy
 from .plan import make_plan, morton_order
 from .storage import BlockReader, open_input
 
-HOP_HEADERS = {"connection", "transfer-encoding", "keep-alive", "content-length"}
 KEYS = {"key": "bench", "secret": "bench"}
-
-
-class DelayProxy:
-    """Forwards HTTP to ``port`` on 127.0.0.1 after ``delay`` seconds, counting requests."""
-
-    def __init__(self, port: int, delay: float) -> None:
-        self.requests = 0
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                proxy.requests += 1
-                time.sleep(delay)
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in HOP_HEADERS:
-                        self.send_header(key, value)
-                size = response.getheader("Content-Length", "0")
-                self.send_header(
-                    "Content-Length", size if self.command == "HEAD" else str(len(data))
-                )
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _free_port() -> int:
@@ -91,7 +42,7 @@ def bench_store(delay_ms: float = 20.0, size: int = 128, chunk: int = 32) -> dic
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    proxy = DelayProxy(port, delay_ms / 1000)
+    proxy = LoopbackProxy(f"http://127.0.0.1:{port}", delay=delay_ms / 1000)
     try:
         direct = {**KEYS, "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
         slow = {**KEYS, "client_kwargs": {"endpoint_url": proxy.endpoint}}

@@ -2,7 +2,7 @@
 
 A local path stays a plain path string, so zarr keeps its local store and
 nothing changes for data on disk. A URL becomes zarr's ``FsspecStore`` wrapped
-in a :class:`RetryingStore` (transient errors retried with capped, jittered
+in a :class:`~blockpredict.retries.RetryingStore` (transient errors retried with capped, jittered
 backoff inside the read or write) and, for inputs read by workers, an
 :class:`~blockpredict.cache.ChunkCache` of recently read chunks.
 
@@ -15,35 +15,25 @@ travel), and fsspec drops its cached instances after a fork.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-import random
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import FsspecStore, WrapperStore
+from zarr.storage import FsspecStore
 
 from .errors import InputError
+from .retries import RetryingStore, is_denied, retry, short
 
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "gcs", "http", "https", "file")
 READ_ONLY_SCHEMES = ("http", "https")
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
-# transient errors: this many attempts, sleeping up to min(CAP, BASE * 2**n), full jitter
-ATTEMPTS = 8
-BASE_S = 0.05
-CAP_S = 5.0
-THROTTLE_CODES = ("SlowDown", "Throttl", "RequestLimitExceeded", "TooManyRequests", "Unavailable")
-# s3fs maps throttling and 503 to EBUSY, unknown S3 errors to EIO
-TRANSIENT_ERRNOS = (errno.EBUSY, errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET)
-T = TypeVar("T")
+# a conditional create: S3's If-None-Match: *, GCS's ifGenerationMatch=0 (fsspec mode="create")
+CONDITIONAL_SCHEMES = ("s3", "gs", "gcs")
 Options = Mapping[str, Any] | None
 
 
@@ -84,125 +74,7 @@ def join(container: str | Path, dataset: str) -> str:
     """A dataset inside a container, as a path or a URL."""
     if is_url(container):
         return str(container).rstrip("/") + "/" + dataset.strip("/")
-    import os
-
     return os.path.join(str(container), dataset)
-
-
-# --- transient errors and backoff -------------------------------------------
-
-
-def is_transient(error: BaseException) -> bool:
-    """Throttling, 5xx answers, timeouts and reset connections; never a 404 or a denial."""
-    if isinstance(
-        error,
-        FileNotFoundError | PermissionError | FileExistsError | IsADirectoryError,
-    ):
-        return False
-    if isinstance(error, ConnectionError | TimeoutError | asyncio.TimeoutError):
-        return True
-    status = _status(error)
-    if status is not None:
-        return status >= 500 or status == 429
-    name = type(error).__name__
-    if name in (
-        "ServerDisconnectedError",
-        "ClientConnectionError",
-        "ClientOSError",
-        "ClientPayloadError",
-        "EndpointConnectionError",
-        "ReadTimeoutError",
-        "ConnectTimeoutError",
-        "IncompleteRead",
-        "ResponseParserError",
-    ):
-        return True
-    if isinstance(error, OSError):
-        text = str(error)
-        return error.errno in TRANSIENT_ERRNOS or any(c in text for c in THROTTLE_CODES)
-    return False
-
-
-def _status(error: BaseException) -> int | None:
-    status = getattr(error, "status", None)  # aiohttp ClientResponseError
-    if isinstance(status, int):
-        return status
-    response = getattr(error, "response", None)  # botocore ClientError
-    if isinstance(response, dict):
-        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return int(code) if code else None
-    return None
-
-
-def backoff_delay(attempt: int) -> float:
-    """Full jitter: uniform in [0, min(CAP_S, BASE_S * 2**attempt)]."""
-    return random.uniform(0.0, min(CAP_S, BASE_S * 2**attempt))
-
-
-async def retry_async(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """Await ``call()``, retrying transient errors with capped, jittered backoff."""
-    for attempt in range(ATTEMPTS):
-        try:
-            return await call()
-        except Exception as e:
-            if not is_transient(e) or attempt == ATTEMPTS - 1:
-                raise
-            delay = backoff_delay(attempt)
-            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def retry(call: Callable[[], T], what: str) -> T:
-    """``call()`` with the same retries, for synchronous filesystem calls."""
-    for attempt in range(ATTEMPTS):
-        try:
-            return call()
-        except Exception as e:
-            if not is_transient(e) or attempt == ATTEMPTS - 1:
-                raise
-            delay = backoff_delay(attempt)
-            logger.debug("transient error on %s (%s), retry in %.2fs", what, _short(e), delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
-class RetryingStore(WrapperStore[FsspecStore]):
-    """Retries every read, write, listing and delete on transient errors.
-
-    A missing key is no error here (``get`` returns None, zarr fills the chunk),
-    so it is never retried. A write that is retried rewrites the whole object:
-    S3 objects appear whole or not at all, so no partial chunk is left behind.
-    """
-
-    async def get(
-        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-    ) -> Buffer | None:
-        return await retry_async(lambda: self._store.get(key, prototype, byte_range), key)
-
-    async def get_partial_values(
-        self,
-        prototype: BufferPrototype,
-        key_ranges: Iterable[tuple[str, ByteRequest | None]],
-    ) -> list[Buffer | None]:
-        key_ranges = list(key_ranges)
-        return await retry_async(
-            lambda: self._store.get_partial_values(prototype, key_ranges), "partial values"
-        )
-
-    async def exists(self, key: str) -> bool:
-        return await retry_async(lambda: self._store.exists(key), key)
-
-    async def set(self, key: str, value: Buffer) -> None:
-        await retry_async(lambda: self._store.set(key, value), key)
-
-    async def delete(self, key: str) -> None:
-        await retry_async(lambda: self._store.delete(key), key)
 
 
 # --- opening ----------------------------------------------------------------
@@ -220,8 +92,12 @@ def zarr_store(
     url = str(path)
     if url.startswith("file://"):
         return str(local_path(url))
-    inner = FsspecStore.from_url(url, storage_options=dict(options or {}), read_only=read_only)
-    store: Any = RetryingStore(inner)
+    fs, inner_path = _url_to_fs(url, options, asynchronous=True)
+    if not fs.async_impl:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        fs = AsyncFileSystemWrapper(fs)
+    store: Any = RetryingStore(FsspecStore(fs, path=inner_path, read_only=read_only))
     if cache_bytes > 0 and read_only:
         from .cache import ChunkCache
 
@@ -231,10 +107,8 @@ def zarr_store(
 
 def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
     """A synchronous fsspec filesystem for ``url`` (made in this process) and its path."""
-    from fsspec.core import url_to_fs
-
     try:
-        fs, path = url_to_fs(url, **dict(options or {}))
+        fs, path = _url_to_fs(url, options, asynchronous=False)
     except ImportError as e:  # s3fs, gcsfs or aiohttp missing
         raise InputError(
             f"no filesystem for {urlsplit(url).scheme}:// ({e})",
@@ -245,11 +119,33 @@ def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
     return fs, path
 
 
+def _url_to_fs(url: str, options: Options, asynchronous: bool) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url``; for a GCS emulator, gcsfs's JSON-API class.
+
+    Recent gcsfs (2026.10) first asks Google's gRPC control plane whether a bucket is
+    zonal; an emulator (``STORAGE_EMULATOR_HOST`` or ``endpoint_url``) has no
+    such service and each call would wait 60 s for it.
+    """
+    from fsspec.core import url_to_fs
+
+    opts = dict(options or {})
+    if urlsplit(url).scheme.lower() in ("gs", "gcs") and _gcs_emulator(opts):
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(asynchronous=asynchronous, **opts)
+        return fs, fs._strip_protocol(url)
+    fs, path = url_to_fs(url, asynchronous=asynchronous, **opts)
+    return fs, path
+
+
+def _gcs_emulator(options: Mapping[str, Any]) -> bool:
+    endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST", "")
+    return bool(endpoint) and "googleapis.com" not in str(endpoint)
+
+
 def exists(path: str | Path, options: Options = None) -> bool:
     """Whether a file, folder or any object under the prefix exists."""
     if not is_url(path):
-        import os
-
         return os.path.exists(path)
     fs, inner = filesystem(str(path), options)
     return bool(retry(lambda: fs.exists(inner), str(path)))
@@ -279,32 +175,42 @@ def check_container(url: str, options: Options, role: str) -> None:
     fs, inner = filesystem(url, options)
     bucket = inner.split("/", 1)[0]
     where = f"{role}.container"
+    endpoint, credentials = HINTS.get(scheme, HINTS["s3"])
     try:
-        if scheme in BUCKET_SCHEMES:
+        try:
             retry(lambda: fs.ls(bucket, detail=False), url)
+        except FileNotFoundError:
+            raise InputError(
+                f"bucket {bucket!r} not found", url, f"check {where} and the endpoint ({endpoint})"
+            ) from None
         if role == "input" and not retry(lambda: fs.exists(inner), url):
-            raise FileNotFoundError(inner)
-    except PermissionError as e:
-        raise InputError(
-            f"access denied to {role} container ({_short(e)})",
-            url,
-            "check the credentials (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS) "
-            f"or {role}.storage_options",
-        ) from None
-    except FileNotFoundError as e:
-        if inner.rstrip("/") != bucket and "bucket" not in str(e).lower():
-            raise InputError(f"{role} container not found", url, f"check {where}") from None
-        raise InputError(
-            f"bucket {bucket!r} not found",
-            url,
-            f"check {where} and the endpoint (AWS_ENDPOINT_URL)",
-        ) from None
+            raise InputError(f"{role} container not found", url, f"check {where}")
+    except InputError:
+        raise
     except Exception as e:
+        if is_denied(e):
+            raise InputError(
+                f"access denied to {role} container ({short(e)})",
+                url,
+                f"check the credentials ({credentials}) or {role}.storage_options",
+            ) from None
         raise InputError(
-            f"cannot reach the {role} store ({_short(e)})",
+            f"cannot reach the {role} store ({short(e)})",
             url,
-            "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials",
+            f"check the endpoint ({endpoint}), the network and the credentials",
         ) from None
+
+
+# scheme: (where its endpoint is set, where its credentials come from)
+HINTS = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_* variables, ~/.aws"),
+    "gs": (
+        "STORAGE_EMULATOR_HOST or storage_options.endpoint_url",
+        "gcloud auth application-default login, GOOGLE_APPLICATION_CREDENTIALS, "
+        "storage_options.token",
+    ),
+}
+HINTS["gcs"] = HINTS["gs"]
 
 
 # --- the lock primitive: a conditional create -----------------------------------
@@ -313,13 +219,15 @@ def check_container(url: str, options: Options, role: str) -> None:
 def create_exclusive(url: str, data: bytes, options: Options = None) -> bool:
     """Create the object ``url`` holding ``data`` unless it exists; True if this call made it.
 
-    On S3 this is one ``PutObject`` with ``If-None-Match: *``: the store itself
-    decides, so two runs can never both win. On other stores (GCS through
-    fsspec, S3-compatible stores that ignore the header) it falls back to
-    check-then-write, which cannot exclude two runs starting in the same moment.
+    On S3 this is one ``PutObject`` with ``If-None-Match: *``, on GCS one upload
+    with ``ifGenerationMatch=0`` (the store answers 412 when the object exists):
+    the store itself decides, so two runs can never both win, where it honours
+    the condition (S3-compatible stores that ignore the header, and emulators,
+    let both writes through). Other schemes check, then write, which cannot
+    exclude two runs starting in the same moment.
     """
     fs, inner = filesystem(url, options)
-    if urlsplit(url).scheme.lower() == "s3":
+    if urlsplit(url).scheme.lower() in CONDITIONAL_SCHEMES:
         try:
             retry(lambda: fs.pipe_file(inner, data, mode="create"), url)
             return True
