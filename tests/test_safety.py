@@ -25,7 +25,8 @@ import zarr
 from conftest import make_input, read_output, write_workflow
 
 from blockpredict.build import build_model
-from blockpredict.config import ModelConfig
+from blockpredict.cluster import connect
+from blockpredict.config import ClusterConfig, ModelConfig
 
 FACTORY = textwrap.dedent(
     """
@@ -323,3 +324,29 @@ def test_a_second_ctrl_c_stops_at_once(slow):
     assert elapsed < GRACE / 2, err
     assert (tmp_path / "out.zarr" / "pred-ledger").exists()
     assert not (tmp_path / "out.zarr" / "pred.lock").exists()
+
+
+def _sigint_and_pid() -> tuple[str, int]:
+    handler = signal.getsignal(signal.SIGINT)
+    return getattr(handler, "name", repr(handler)), os.getpid()
+
+
+async def _killed() -> None:  # as a block_timeout kill does (worker.py)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_restarted_by_its_nanny_ignores_sigint_too():
+    config = ClusterConfig.model_validate({"n_workers": 1, "dashboard_address": ":0"})
+    with connect(config) as client:
+        ((address, (first, pid)),) = client.run(_sigint_and_pid).items()
+        assert first == "SIG_IGN"
+        client.run(_killed, workers=[address], wait=False)
+        for _ in range(600):  # the nanny restarts it at a new address (60 s at most)
+            workers = set(client.scheduler_info()["workers"])
+            if workers and address not in workers:
+                break
+            time.sleep(0.1)
+        client.wait_for_workers(1, timeout=60)
+        ((_, (restarted, new_pid)),) = client.run(_sigint_and_pid).items()
+    assert new_pid != pid
+    assert restarted == "SIG_IGN"  # not Python's default_int_handler
