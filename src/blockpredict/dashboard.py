@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from .live import STATE_COLORS, STATE_NAMES, LiveState, lookup
+from .words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,9 @@ def _header(live: LiveState) -> str:
         f"<h2>blockpredict: {status}</h2>",
         f"<p>output: {live.output_path} &nbsp; block grid {tuple(live.plan.grid_shape)}</p>",
         f"<p>done {c['done']}/{c['total']} ({c['processed']} processed, {c['skipped']} skipped"
-        f" by resume), {c['failed']} failed, {c['retries']} retries, {c['in_flight']} in flight,"
-        f" {c['workers']} workers</p>",
+        f" by resume), {c['failed']} failed, {plural(c['retries'], 'retry', 'retries')}, "
+        f"{c['in_flight']} in flight,"
+        f" {plural(c['workers'], 'worker')}</p>",
     ]
     if live.ended and live.summary:
         lines.append(f"<pre>{live.summary}</pre>")

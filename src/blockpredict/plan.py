@@ -19,6 +19,7 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from .errors import GeometryError
+from .words import plural
 
 Border = Literal["valid", "pad"]
 
@@ -136,7 +137,7 @@ def lift(coordinate: Sequence[int], dims: int, fill: int) -> Coordinate:
     coordinate = tuple(coordinate)
     if len(coordinate) > dims:
         raise GeometryError(
-            f"model has {len(coordinate)} spatial dims but the input has {dims}",
+            f"model has {plural(len(coordinate), 'spatial dim')} but the input has {dims}",
             "input",
             "use a model with at most as many dims as the data",
         )
@@ -400,7 +401,8 @@ def _shape_of(shape: Sequence[int] | None, dims: int, key: str) -> Coordinate | 
         return None
     if len(shape) != dims:
         raise GeometryError(
-            f"{key} has {len(shape)} values, the output has {dims} spatial axes",
+            f"{key} has {plural(len(shape), 'value')}, the output has "
+            f"{plural(dims, 'spatial axis', 'spatial axes')}",
             key,
             "give one value per spatial axis",
         )

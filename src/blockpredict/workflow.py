@@ -49,6 +49,7 @@ from .storage import (
     prepare_output,
 )
 from .stores import check_container, exists, is_url
+from .words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +119,16 @@ def prepare(
     check_writable(out_path)
     if info.num_channels != model.num_in_channels:
         raise ModelError(
-            f"input has {info.num_channels} channels, the model expects {model.num_in_channels}",
+            f"input has {plural(info.num_channels, 'channel')}, "
+            f"the model expects {model.num_in_channels}",
             info.path,
             "use a matching input or model (a channel axis is named 'c^')",
         )
     eval_input_shape = Coordinate(model.eval_input_shape)
     if eval_input_shape.dims > info.voxel_size.dims:
         raise ModelError(
-            f"model has {eval_input_shape.dims} spatial dims, the input has {info.voxel_size.dims}",
+            f"model has {plural(eval_input_shape.dims, 'spatial dim')}, "
+            f"the input has {info.voxel_size.dims}",
             info.path,
             "use a model with at most as many dims as the input",
         )
@@ -144,7 +147,7 @@ def prepare(
     if output.roi is not None:
         if len(output.roi.offset) != vin.dims:
             raise GeometryError(
-                f"output.roi has {len(output.roi.offset)} dims, the input has {vin.dims}",
+                f"output.roi has {plural(len(output.roi.offset), 'dim')}, the input has {vin.dims}",
                 "output.roi",
                 "give one offset and shape value per spatial axis (world units)",
             )
@@ -255,7 +258,7 @@ def _check_channels(model_source: Any, channels: int) -> None:
     declared = getattr(model_source, "num_out_channels", None)
     if isinstance(declared, int) and declared != channels:
         raise ModelError(
-            f"the model returns {channels} channel{'s' * (channels != 1)}, "
+            f"the model returns {plural(channels, 'channel')}, "
             f"the workflow declares {declared}",
             "model.num_out_channels",
             f"set num_out_channels: {channels} or fix the model",
@@ -389,7 +392,8 @@ def execute(
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
-            logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
+            done, total = ledger.counts()["done"], plural(plan.num_blocks, "block")
+            logger.info("resuming: %d of %s done", done, total)
         else:
             prepare_output(info, out.overwrite)
             ledger = Ledger.create(
