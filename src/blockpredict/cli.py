@@ -190,7 +190,7 @@ def _predict(args: argparse.Namespace) -> int:
 def check_report_path(path: Path) -> None:
     """A report that cannot be written fails before the run, not after it."""
     from .errors import ConfigError
-    from .workflow import writable_problem
+    from .location import writable_problem
 
     if path.is_dir():
         problem: str | None = "it is a folder"

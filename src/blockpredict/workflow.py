@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,13 +26,14 @@ from .config import (
     resolve_container,
     validate_section,
 )
-from .errors import ConfigError, GeometryError, ModelError, OutputError
+from .errors import GeometryError, ModelError
 from .events import events_path, replay
 from .events import reset as reset_events
 from .fingerprint import model_fingerprint
 from .job import Job, describe
 from .layout import describe_output
 from .ledger import Ledger, ledger_path
+from .location import check_not_input, check_writable
 from .lock import OutputLock
 from .plan import BlockPlan, make_plan
 from .precision import check_precision
@@ -181,63 +180,6 @@ def prepare(
     )
     prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
-
-
-def check_not_input(input_path: str, out_path: str) -> None:
-    """The input is only ever read: refuse an output or ledger that is, holds or lies in it.
-
-    Local paths are compared resolved (``..``, symbolic links); URLs as written.
-    """
-    source = _resolved(input_path)
-    for what, path in (("output", out_path), ("ledger", ledger_path(out_path))):
-        target = _resolved(path)
-        if target == source or _inside(target, source) or _inside(source, target):
-            relation = "is"
-            if target != source:
-                relation = "contains" if _inside(source, target) else "lies inside"
-            raise ConfigError(
-                f"the {what} {relation} the input {input_path}",
-                f"output.container/output.dataset {out_path}",
-                "write the output to another dataset or container",
-            )
-
-
-def _resolved(path: str) -> str:
-    return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path.startswith(folder.rstrip("/" + os.sep) + "/")
-
-
-def check_writable(out_path: str) -> None:
-    """The output's folder can be created and written (tried, then removed).
-
-    A URL output is checked against its store instead (``stores.check_container``).
-    """
-    if is_url(out_path):
-        return
-    problem = writable_problem(os.path.dirname(os.path.abspath(out_path)))
-    if problem:
-        raise OutputError(
-            f"the output cannot be written: {problem}",
-            "output.container",
-            "choose a writable location",
-        )
-
-
-def writable_problem(folder: str) -> str | None:
-    """Why files cannot be made in ``folder`` (or the folders to create there), or None."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is not a folder"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
-    except OSError as e:
-        return f"cannot write in {existing} ({e.strerror or e})"
-    return None
 
 
 def _warn_unbounded(model: Any, dtype: str) -> None:
