@@ -245,10 +245,9 @@ def _status(args: argparse.Namespace) -> int:
     if holder is not None:
         print(f"running: {holder} (lock {lock_path(output)})")
     if not Ledger.exists(path, options):
-        from .workflow import prepare_workflow
+        from .workflow import count_blocks
 
-        total = prepare_workflow(workflow).plan.num_blocks
-        print(f"done: 0/{total} (not started)")
+        print(f"done: 0/{count_blocks(workflow)} (not started)")  # without loading the model
         return 0
     ledger = Ledger.open(path, storage_options=options)
     replay(ledger, events_path(output))  # the log is current while a run goes on

@@ -244,8 +244,7 @@ def _output_roi(
 ) -> tuple[Roi, list[str]]:
     """The output ROI, and warnings saying how a requested ROI was clipped or snapped."""
     allowed = input_roi.grow(-context, -context) if border == "valid" else input_roi.copy()
-    limit = "the input ROI less the context" if border == "valid" else "the input ROI"
-    limit = f"{limit} {allowed}"
+    limit = allowed.copy()
     if requested_roi is not None:
         if not requested_roi.intersects(input_roi):
             raise GeometryError(
@@ -270,8 +269,10 @@ def _output_roi(
         )
     if requested_roi is None:
         return roi, []
+    span = ", ".join(f"{b}:{e}" for b, e in zip(limit.begin, limit.end, strict=True))
+    limit_text = "the input ROI less the context" if border == "valid" else "the input ROI"
     warnings = [  # allowed is now the requested ROI clipped to the limit
-        _trim_warning(f"was clipped to {limit}", requested_roi, allowed, vout),
+        _trim_warning(f"was clipped to {limit_text} [{span}]", requested_roi, allowed, vout),
         _trim_warning(f"was snapped to the voxel grid {tuple(grid)}", allowed, roi, vout),
     ]
     return roi, [w for w in warnings if w]

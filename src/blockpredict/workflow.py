@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from .build import build_model, check_model_api, place
+from .build import build_model, build_shapes, check_model_api, place
 from .config import (
     ClusterConfig,
     ExecutionConfig,
@@ -116,6 +116,33 @@ def prepare(
     out_path = output_path(output.container, output.dataset)
     check_not_input(info.path, out_path)
     check_writable(out_path)
+    plan, channels = plan_blocks(info, output, model)
+    for warning in plan.warnings:
+        logger.warning(warning)
+    warnings = _model_warnings(model)
+    for warning in warnings:
+        logger.warning(warning)
+    _check_channels(model_source, int(channels))
+    _warn_unbounded(model, output.dtype)
+    fingerprint = model_fingerprint(model, model_source, scaling)
+    prepared = Prepared(
+        info,
+        output,
+        plan,
+        int(channels),
+        model_source,
+        warnings=warnings,
+        fingerprint=fingerprint,
+    )
+    prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
+    return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[BlockPlan, int]:
+    """The block plan of ``model`` over the input, and the model's output channels.
+
+    Needs only the model's shapes (``count_blocks`` passes one without weights).
+    """
     if info.num_channels != model.num_in_channels:
         raise ModelError(
             f"input has {plural(info.num_channels, 'channel')}, "
@@ -161,25 +188,7 @@ def prepare(
         border=output.border,
         phase=_phase(model),
     )
-    for warning in plan.warnings:
-        logger.warning(warning)
-    warnings = _model_warnings(model)
-    for warning in warnings:
-        logger.warning(warning)
-    _check_channels(model_source, int(channels))
-    _warn_unbounded(model, output.dtype)
-    fingerprint = model_fingerprint(model, model_source, scaling)
-    prepared = Prepared(
-        info,
-        output,
-        plan,
-        int(channels),
-        model_source,
-        warnings=warnings,
-        fingerprint=fingerprint,
-    )
-    prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
-    return _check_existing(prepared, execution or ExecutionConfig())
+    return plan, int(channels)
 
 
 def _warn_unbounded(model: Any, dtype: str) -> None:
@@ -290,6 +299,24 @@ def prepare_workflow(workflow: Workflow) -> Prepared:
     if workflow.model.unet is not None and workflow.model.checkpoint is None:
         logger.warning("model.checkpoint is not set: the U-Net has untrained weights (seed 0)")
     return prepared
+
+
+def count_blocks(workflow: Workflow) -> int:
+    """The workflow's number of blocks, from the model's shapes: its weights never load.
+
+    A model that cannot be built without its weights (a factory that reads them) is
+    built in full instead.
+    """
+    try:
+        model = build_shapes(workflow.model)
+    except Exception:  # built in full below, where a real error is raised as usual
+        logger.debug("the model's shapes need its weights", exc_info=True)
+        model = build_model(workflow.model)
+    source = workflow.input
+    info = open_input(
+        source.container, source.dataset, source.voxel_size, source.offset, source.storage_options
+    )
+    return plan_blocks(info, workflow.output, model)[0].num_blocks
 
 
 def execute(
