@@ -428,3 +428,24 @@ def test_plan_warns_how_far_the_output_roi_was_clipped(tmp_path, capsys):
         "trimmed at the start by (1, 0, 0) world units = (1, 0, 0) voxels, at the end by "
         "(5, 0, 0) world units = (5, 0, 0) voxels; now offset (1, 4, 4) shape (24, 8, 8)"
     ) in text
+
+
+@pytest.mark.parametrize("activation, warns", [(None, True), ("sigmoid", False)])
+def test_uint8_output_of_an_unbounded_activation_warns(tmp_path, caplog, activation, warns):
+    from blockpredict.cli import main
+
+    make_input(tmp_path / "in.zarr" / "raw", np.ones((26, 26, 26), np.float32), (1, 1, 1))
+    (tmp_path / f"uint8_probe_{warns}.py").write_text(PROBE)
+    model = {"factory": f"uint8_probe_{warns}:build", "kwargs": {"log": str(tmp_path / "log")}}
+    if activation:
+        model["eval_activation"] = activation
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": model,
+            "output": {"container": "out.zarr", "dataset": "pred", "dtype": "uint8"},
+        },
+    )
+    assert main(["plan", str(path)]) == 0
+    assert ("activation (none) is not bounded to [0, 1]" in caplog.text) == warns, caplog.text
