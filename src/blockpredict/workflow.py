@@ -35,6 +35,13 @@ from .layout import describe_output
 from .ledger import Ledger, ledger_path
 from .location import check_not_input, check_writable
 from .lock import OutputLock
+from .model_checks import (
+    check_channels,
+    downsampling_phase,
+    model_warnings,
+    probe_output_shape,
+    warn_unbounded,
+)
 from .plan import BlockPlan, make_plan
 from .precision import check_precision
 from .report import RunReport
@@ -119,11 +126,11 @@ def prepare(
     plan, channels = plan_blocks(info, output, model)
     for warning in plan.warnings:
         logger.warning(warning)
-    warnings = _model_warnings(model)
+    warnings = model_warnings(model)
     for warning in warnings:
         logger.warning(warning)
-    _check_channels(model_source, int(channels))
-    _warn_unbounded(model, output.dtype)
+    check_channels(model_source, int(channels))
+    warn_unbounded(model, output.dtype)
     fingerprint = model_fingerprint(model, model_source, scaling)
     prepared = Prepared(
         info,
@@ -159,7 +166,7 @@ def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[Bloc
             "use a model with at most as many dims as the input",
         )
     try:
-        channels, eval_output_shape = _output_shape(model, eval_input_shape)
+        channels, eval_output_shape = probe_output_shape(model, eval_input_shape)
     except Exception as e:
         raise ModelError(
             f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
@@ -186,47 +193,15 @@ def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[Bloc
         eval_output_shape=Coordinate(eval_output_shape),
         requested_roi=requested,
         border=output.border,
-        phase=_phase(model),
+        phase=downsampling_phase(model),
     )
     return plan, int(channels)
 
 
-def _warn_unbounded(model: Any, dtype: str) -> None:
-    """uint8 stores [0, 1] as 0..255: values of an unbounded activation are clipped."""
-    activation = getattr(model, "eval_activation", None)
-    name = type(activation).__name__ if activation is not None else "none"
-    if dtype == "uint8" and name not in ("Sigmoid", "Softmax"):
-        logger.warning(
-            "output.dtype is uint8, which stores [0, 1] as 0..255, but the model's "
-            "activation (%s) is not bounded to [0, 1]: values outside are clipped; "
-            "set model.eval_activation: sigmoid or output.dtype: float32",
-            name,
-        )
 
 
-def _check_channels(model_source: Any, channels: int) -> None:
-    """A declared ``num_out_channels`` must be what the model's shape probe returned."""
-    declared = getattr(model_source, "num_out_channels", None)
-    if isinstance(declared, int) and declared != channels:
-        raise ModelError(
-            f"the model returns {plural(channels, 'channel')}, "
-            f"the workflow declares {declared}",
-            "model.num_out_channels",
-            f"set num_out_channels: {channels} or fix the model",
-        )
 
 
-def _output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, Coordinate]:
-    """Channels and spatial output shape at the eval input shape.
-
-    The Model computed its ``output_shape`` at ``input_shape`` when it was built
-    (a dummy forward); reuse it where the eval shape is the same.
-    """
-    output_shape = getattr(model, "output_shape", None)
-    if output_shape is not None and Coordinate(model.input_shape) == eval_input_shape:
-        return int(model.num_out_channels), Coordinate(output_shape)
-    channels, shape = model.compute_output_shape(eval_input_shape)
-    return int(channels), Coordinate(shape)
 
 
 def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
@@ -268,28 +243,8 @@ def _layout_dict(info: OutputInfo) -> dict[str, Any]:
     }
 
 
-def _model_warnings(model: Any) -> tuple[str, ...]:
-    """What blockwise prediction cannot promise for this model."""
-    architecture = getattr(model, "architecture", model)
-    if getattr(architecture, "use_attention", False):
-        return (
-            "the U-Net uses attention (use_attention: true), which is not translation-"
-            "equivariant: each block equals the model applied to that block's read ROI, "
-            "not a whole-volume forward pass (block seams may show)",
-        )
-    return ()
 
 
-def _phase(model: Any) -> Coordinate | None:
-    """The architecture's total downsampling factor, where it declares one."""
-    architecture = getattr(model, "architecture", model)
-    product = getattr(architecture, "downsample_factor_product", None)
-    if product is not None:
-        return Coordinate(product)
-    factors = getattr(architecture, "downsample_factors", None)
-    if factors:
-        return Coordinate(math.prod(f[i] for f in factors) for i in range(len(factors[0])))
-    return None
 
 
 def prepare_workflow(workflow: Workflow) -> Prepared:
