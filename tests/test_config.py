@@ -71,3 +71,39 @@ def test_bad_sections_are_one_clear_error(raw, message):
     base.update(raw)
     with pytest.raises(ConfigError, match=message):
         validate_workflow(base)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (
+            {"input": {"container": "i", "dataset": "raw", "normalize": "foo"}},
+            "invalid value for input.normalize: Input should be 'auto' or 'none', or a mapping "
+            "(got 'foo')",
+        ),
+        (
+            {"input": {"container": "i", "dataset": "raw", "normalize": {"scale": "x"}}},
+            "invalid value for input.normalize.scale: Input should be a valid number (got 'x')",
+        ),
+        (
+            {"execution": {"blocks_per_task": "x"}},
+            "invalid value for execution.blocks_per_task: Input should be 'auto', or an integer",
+        ),
+        (
+            {"output": {"container": "o", "roi": 5}},
+            "invalid value for output.roi: Input should be a mapping (got 5)",
+        ),
+    ],
+)
+def test_messages_name_keys_and_alternatives_not_pydantic_internals(raw, expected):
+    base = {
+        "input": {"container": "i", "dataset": "raw"},
+        "model": {"factory": "m:f"},
+        "output": {"container": "o"},
+    }
+    base.update(raw)
+    with pytest.raises(ConfigError) as caught:
+        validate_workflow(base)
+    text = str(caught.value)
+    assert expected in text
+    assert not any(word in text for word in ("literal[", "RoiConfig", "Scaling", "constrained"))

@@ -27,8 +27,8 @@ from test_equivalence import run_case
 import blockpredict
 from blockpredict.build import build_model
 from blockpredict.checkpoint import _DaCapoWeights
-from blockpredict.cli import describe_plan
 from blockpredict.config import ModelConfig, load_workflow
+from blockpredict.describe import describe_plan
 from blockpredict.unet_config import read_unet_config
 from blockpredict.workflow import predict_workflow, prepare_workflow
 

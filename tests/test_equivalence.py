@@ -13,11 +13,15 @@ import pytest
 import torch
 from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
 from funlib.geometry import Coordinate, Roi
+from funlib.persistence import open_ds, prepare_ds
 
 import blockpredict
 from blockpredict.architectures import CNNectomeUNet, UNet
 from blockpredict.build import build_model
 from blockpredict.config import load_workflow
+from blockpredict.errors import InputError
+from blockpredict.preview import _read
+from blockpredict.storage import BlockReader, open_input
 from blockpredict.workflow import predict_workflow, prepare_workflow
 
 TOLERANCE = 1e-4
@@ -203,6 +207,69 @@ def test_multichannel_float_input(tmp_path, cluster_address):
         channels=True,
     )
     assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def _channel_input(path: Path, data: np.ndarray, channel_axis: int) -> None:
+    """``data`` (C, z, y, x) stored with its channel axis 'c^' at ``channel_axis``."""
+    names = ["z", "y", "x"]
+    names.insert(channel_axis, "c^")
+    stored = np.moveaxis(data, 0, channel_axis)
+    prepare_ds(
+        str(path),
+        shape=stored.shape,
+        voxel_size=Coordinate(1, 1, 1),
+        axis_names=names,
+        types=["channel" if n == "c^" else "space" for n in names],
+        dtype=stored.dtype,
+        mode="w",
+    )[:] = stored
+
+
+def test_a_channel_axis_last_is_found_by_its_name(tmp_path, cluster_address):
+    data = np.stack([volume_of((36, 36, 36), s) for s in (1, 2)]).astype(np.float32) / 100
+    _channel_input(tmp_path / "in.zarr" / "raw", data, 3)
+    workflow = {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"unet": {**UNET_3D, "fmaps_in": 2}, "head": {"out_channels": 1}},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+        "cluster": {"type": "address", "address": cluster_address},
+        "execution": {"max_retries": 0},
+    }
+    loaded = load_workflow(write_workflow(tmp_path / "workflow.yaml", workflow))
+    prepared = prepare_workflow(loaded)
+    assert prepared.input.num_channels == 2 and prepared.input.axis_names == ("z", "y", "x")
+    report = predict_workflow(loaded, progress=False)
+    assert report.exit_code == 0, report.summary()
+    roi = Roi((0, 0, 0), (36, 36, 36))
+    expected = reference(build_model(loaded.model), data, roi, Coordinate(1, 1, 1), prepared.plan)
+    assert max_abs_diff(read_output(tmp_path / "out.zarr" / "pred"), expected) <= TOLERANCE
+
+
+def test_a_channel_axis_in_the_middle_reads_as_channels_first(tmp_path):
+    data = np.stack([volume_of((12, 10, 8), s) for s in (1, 2, 3)])
+    _channel_input(tmp_path / "mid.zarr", data, 1)
+    info = open_input(tmp_path, "mid.zarr")
+    assert (info.num_channels, info.channel_axis, info.axis_names) == (3, 1, ("z", "y", "x"))
+    roi = Roi((-2, 3, 4), (6, 5, 6))  # partly outside: padded with zeros
+    block = BlockReader(info, "none").read(roi)
+    expected = np.zeros((3, 6, 5, 6), np.float32)
+    expected[:, 2:, :, :4] = data[:, 0:4, 3:8, 4:8]
+    np.testing.assert_array_equal(block, expected)
+    assert _read(open_ds(str(tmp_path / "mid.zarr")), roi).shape == (3, 6, 5, 6)  # preview
+
+
+def test_two_channel_axes_are_refused(tmp_path):
+    prepare_ds(
+        str(tmp_path / "two.zarr"),
+        shape=(2, 3, 8, 8),
+        voxel_size=Coordinate(1, 1),
+        axis_names=["c^", "t^", "y", "x"],
+        types=["channel", "channel", "space", "space"],
+        dtype=np.uint8,
+        mode="w",
+    )
+    with pytest.raises(InputError, match="2 channel axes \\('c\\^', 't\\^'\\)"):
+        open_input(tmp_path, "two.zarr")
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "exported"])

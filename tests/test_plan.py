@@ -161,3 +161,29 @@ def test_phase_warning_when_write_shape_breaks_the_downsampling_phase():
     )
     assert make_plan(**args, phase=Coordinate(2, 2)).warnings == ()
     assert "block seams" in make_plan(**args, phase=Coordinate(4, 4)).warnings[0]
+
+
+def test_a_clipped_or_snapped_output_roi_is_reported_per_axis():
+    args = dict(
+        input_roi=Roi((0, 0), (100, 100)),
+        input_voxel_size=Coordinate(1, 1),
+        output_voxel_size=Coordinate(2, 2),
+        eval_input_shape=Coordinate(20, 20),
+        eval_output_shape=Coordinate(8, 8),  # context 2 world units on each side
+    )
+    inside = make_plan(**args, requested_roi=Roi((10, 10), (40, 40)))
+    assert inside.warnings == ()  # inside and on the grid: nothing to say
+    clipped = make_plan(**args, requested_roi=Roi((0, 10), (40, 96)))
+    assert clipped.output_roi == Roi((2, 10), (38, 88))
+    (warning,) = clipped.warnings
+    assert "clipped to the input ROI less the context" in warning
+    assert "at the start by (2, 0) world units = (1, 0) voxels" in warning
+    assert "at the end by (0, 8) world units = (0, 4) voxels" in warning
+    snapped = make_plan(**args, requested_roi=Roi((11, 10), (40, 41)))
+    assert snapped.output_roi == Roi((12, 10), (38, 40))
+    (warning,) = snapped.warnings
+    assert "snapped to the voxel grid (2, 2)" in warning
+    assert "at the start by (1, 0) world units = (0.5, 0) voxels" in warning
+    assert "at the end by (1, 1) world units = (0.5, 0.5) voxels" in warning
+    padded = make_plan(**args, requested_roi=Roi((-4, 0), (20, 20)), border="pad")
+    assert "clipped to the input ROI [0:100, 0:100]" in padded.warnings[0]

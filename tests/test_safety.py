@@ -25,7 +25,8 @@ import zarr
 from conftest import make_input, read_output, write_workflow
 
 from blockpredict.build import build_model
-from blockpredict.config import ModelConfig
+from blockpredict.cluster import connect
+from blockpredict.config import ClusterConfig, ModelConfig
 
 FACTORY = textwrap.dedent(
     """
@@ -323,3 +324,128 @@ def test_a_second_ctrl_c_stops_at_once(slow):
     assert elapsed < GRACE / 2, err
     assert (tmp_path / "out.zarr" / "pred-ledger").exists()
     assert not (tmp_path / "out.zarr" / "pred.lock").exists()
+
+
+def _sigint_and_pid() -> tuple[str, int]:
+    handler = signal.getsignal(signal.SIGINT)
+    return getattr(handler, "name", repr(handler)), os.getpid()
+
+
+async def _killed() -> None:  # as a block_timeout kill does (worker.py)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_restarted_by_its_nanny_ignores_sigint_too():
+    config = ClusterConfig.model_validate({"n_workers": 1, "dashboard_address": ":0"})
+    with connect(config) as client:
+        ((address, (first, pid)),) = client.run(_sigint_and_pid).items()
+        assert first == "SIG_IGN"
+        client.run(_killed, workers=[address], wait=False)
+        for _ in range(600):  # the nanny restarts it at a new address (60 s at most)
+            workers = set(client.scheduler_info()["workers"])
+            if workers and address not in workers:
+                break
+            time.sleep(0.1)
+        client.wait_for_workers(1, timeout=60)
+        ((_, (restarted, new_pid)),) = client.run(_sigint_and_pid).items()
+    assert new_pid != pid
+    assert restarted == "SIG_IGN"  # not Python's default_int_handler
+
+
+PROBE = textwrap.dedent(
+    """
+    import torch
+    from funlib.geometry import Coordinate
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
+
+    def build(log, refuse_meta=False):
+        device = str(torch.empty(0).device)  # where the weights would be made
+        with open(log, "a") as f:
+            f.write(device + "\\n")
+        if refuse_meta and device == "meta":
+            raise RuntimeError("this factory reads its weights")
+        arch = WrappedArchitecture(Mean(), input_shape=Coordinate(10, 10, 10),
+                                   num_in_channels=1, num_out_channels=1)
+        return Model(arch, torch.nn.Identity())
+    """
+)
+
+
+@pytest.mark.parametrize("refuse_meta", [False, True])
+def test_status_before_a_run_counts_blocks_without_loading_the_model(
+    tmp_path, capsys, refuse_meta
+):
+    from blockpredict.cli import main
+
+    module = f"probe_{refuse_meta}_{os.getpid()}"  # in-process: a module name of its own
+    (tmp_path / f"{module}.py").write_text(PROBE)
+    make_input(tmp_path / "in.zarr" / "raw", np.ones((26, 26, 26), np.float32), (1, 1, 1))
+    log = tmp_path / "built.txt"
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {
+                "factory": f"{module}:build",
+                "kwargs": {"log": str(log), "refuse_meta": refuse_meta},
+            },
+            "output": {"container": "out.zarr", "dataset": "pred"},
+        },
+    )
+    assert main(["status", str(path)]) == 0
+    assert "done: 0/27 (not started)" in capsys.readouterr().out  # [1, 25)^3 in 8^3 blocks
+    assert log.read_text().split() == (["meta", "cpu"] if refuse_meta else ["meta"])
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_plan_warns_how_far_the_output_roi_was_clipped(tmp_path, capsys):
+    from blockpredict.cli import main
+
+    make_input(tmp_path / "in.zarr" / "raw", np.ones((26, 26, 26), np.float32), (1, 1, 1))
+    (tmp_path / "clip_probe.py").write_text(PROBE)
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "clip_probe:build", "kwargs": {"log": str(tmp_path / "log")}},
+            "output": {
+                "container": "out.zarr",
+                "dataset": "pred",
+                "roi": {"offset": [0, 4, 4], "shape": [30, 8, 8]},
+            },
+        },
+    )
+    assert main(["plan", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "output ROI         offset (1, 4, 4) shape (24, 8, 8) world" in text
+    assert (
+        "warning: output.roi was clipped to the input ROI less the context [1:25, 1:25, 1:25]: "
+        "trimmed at the start by (1, 0, 0) world units = (1, 0, 0) voxels, at the end by "
+        "(5, 0, 0) world units = (5, 0, 0) voxels; now offset (1, 4, 4) shape (24, 8, 8)"
+    ) in text
+
+
+@pytest.mark.parametrize("activation, warns", [(None, True), ("sigmoid", False)])
+def test_uint8_output_of_an_unbounded_activation_warns(tmp_path, caplog, activation, warns):
+    from blockpredict.cli import main
+
+    make_input(tmp_path / "in.zarr" / "raw", np.ones((26, 26, 26), np.float32), (1, 1, 1))
+    (tmp_path / f"uint8_probe_{warns}.py").write_text(PROBE)
+    model = {"factory": f"uint8_probe_{warns}:build", "kwargs": {"log": str(tmp_path / "log")}}
+    if activation:
+        model["eval_activation"] = activation
+    path = write_workflow(
+        tmp_path / "workflow.yaml",
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": model,
+            "output": {"container": "out.zarr", "dataset": "pred", "dtype": "uint8"},
+        },
+    )
+    assert main(["plan", str(path)]) == 0
+    assert ("activation (none) is not bounded to [0, 1]" in caplog.text) == warns, caplog.text

@@ -15,7 +15,7 @@ import torch
 
 from .architectures import CNNectomeUNet, WrappedArchitecture, load_exported, load_torchscript
 from .checkpoint import head_shape, load_strict, read_checkpoint
-from .config import ModelConfig
+from .config import HeadConfig, ModelConfig
 from .errors import ModelError
 from .model import Model
 
@@ -54,6 +54,21 @@ def build_model(config: ModelConfig) -> Model:
     if state is not None:
         load_strict(model, state, str(config.checkpoint))
     return model.eval()
+
+
+def build_shapes(config: ModelConfig) -> Model:
+    """The model's shapes without its weights: built on torch's meta device, no checkpoint read.
+
+    What ``status`` needs to count blocks. A big model's weights, its checkpoint and the
+    dummy forward that finds its output shape take seconds to minutes on a CPU; on the
+    meta device tensors have shapes but no data, so they cost nothing. A U-Net without a
+    head size gets one channel (the count does not change the blocks).
+    """
+    update: dict[str, Any] = {"checkpoint": None}
+    if config.unet is not None and (config.head is None or config.head.out_channels is None):
+        update["head"] = HeadConfig(out_channels=1)
+    with torch.device("meta"):
+        return build_model(config.model_copy(update=update))
 
 
 def _architecture(config: ModelConfig) -> torch.nn.Module:

@@ -204,7 +204,7 @@ def _predict(args: argparse.Namespace) -> int:
 def check_report_path(path: Path) -> None:
     """A report that cannot be written fails before the run, not after it."""
     from .errors import ConfigError
-    from .workflow import writable_problem
+    from .location import writable_problem
 
     if path.is_dir():
         problem: str | None = "it is a folder"
@@ -220,6 +220,7 @@ def check_report_path(path: Path) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_workflow
+    from .describe import describe_plan
     from .workflow import prepare_workflow
 
     workflow = load_workflow(args.workflow, args.overrides)
@@ -258,10 +259,9 @@ def _status(args: argparse.Namespace) -> int:
     if holder is not None:
         print(f"running: {holder} (lock {lock_path(output)})")
     if not Ledger.exists(path, options):
-        from .workflow import prepare_workflow
+        from .workflow import count_blocks
 
-        total = prepare_workflow(workflow).plan.num_blocks
-        print(f"done: 0/{total} (not started)")
+        print(f"done: 0/{count_blocks(workflow)} (not started)")  # without loading the model
         return 0
     ledger = Ledger.open(path, storage_options=options)
     replay(ledger, events_path(output))  # the log is current while a run goes on
@@ -316,91 +316,6 @@ def _unlock(args: argparse.Namespace) -> int:
     lock.break_lock()
     print(f"unlocked: {lock.path} (was {holder})")
     return 0
-
-
-def _existing(prepared) -> str:  # type: ignore[no-untyped-def]
-    """What the run will do to an output that exists."""
-    from .ledger import Ledger, ledger_path
-    from .stores import exists
-
-    if prepared.resume:
-        options = prepared.output.storage_options
-        counts = Ledger.open(ledger_path(prepared.output_path), storage_options=options).counts()
-        return f"exists: resumes, {counts['done']}/{prepared.plan.num_blocks} done"
-    if exists(prepared.output_path, prepared.output.storage_options):
-        return "exists: overwrite: true deletes it"
-    return "created"
-
-
-def describe_plan(prepared) -> str:  # type: ignore[no-untyped-def]
-    """The plan as a user reads it: voxels and world units side by side."""
-    plan = prepared.plan
-    out = prepared.output
-
-    def c(x) -> str:  # type: ignore[no-untyped-def]
-        return "(" + ", ".join(str(v) for v in x) + ")"
-
-    nbytes = prepared.output_nbytes()
-    rows = [
-        ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
-        *(
-            [("input level", f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
-              f"{c(lv.voxel_size)} offset {c(lv.offset)}")]
-            if (lv := prepared.input.ome_level) else []
-        ),
-        (
-            "input voxel size",
-            f"{c(plan.input_voxel_size)} from {prepared.input.voxel_size_source}",
-        ),
-        (
-            "input offset",
-            f"{c(prepared.input.roi.offset)} from {prepared.input.offset_source}",
-        ),
-        ("output voxel size", c(plan.output_voxel_size)),
-        (
-            "context",
-            f"{c(plan.context)} world, {c(plan.context / plan.input_voxel_size)} input voxels",
-        ),
-        ("read shape", f"{c(plan.read_shape)} voxels = {c(plan.read_size)} world"),
-        ("write shape", f"{c(plan.write_shape)} voxels = {c(plan.write_size)} world"),
-        ("border", plan.border),
-        (
-            "output ROI",
-            f"offset {c(plan.output_roi.offset)} shape {c(plan.output_roi.shape)} world",
-        ),
-        ("block grid", f"{c(plan.grid_shape)} = {plan.num_blocks} blocks"),
-        ("output", f"{out.container}/{out.dataset} ({_existing(prepared)})"),
-        *_describe_layout(prepared.output_info()),
-        ("output size", f"{nbytes} bytes ({nbytes / 2**30:.3f} GiB)"),
-    ]
-    width = max(len(k) for k, _ in rows if not k.startswith("output array "))
-    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    warnings = (*prepared.input.warnings, *plan.warnings, *prepared.warnings)
-    lines += [f"warning: {w}" for w in warnings]
-    return "\n".join(lines)
-
-
-def _describe_layout(info) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    """One row per written array: OME-NGFF images and their levels."""
-    version = "0.4" if info.zarr_format == 2 else "0.5"
-    rows = [
-        (
-            "output format",
-            f"zarr v{info.zarr_format}, OME-NGFF {version}, compressor {info.compressor}",
-        )
-    ]
-    for image in info.images:
-        lo, hi = image.channels
-        for level in image.levels:
-            shards = f" shards {tuple(level.shards)}" if level.shards else ""
-            rows.append(
-                (
-                    f"output array {os.path.basename(image.path)}/{level.name}",
-                    f"shape {tuple(level.shape)} chunks {tuple(level.chunks)}{shards} "
-                    f"{image.dtype}, channels [{lo}, {hi}), voxel size {tuple(level.voxel_size)}",
-                )
-            )
-    return rows
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +16,7 @@ from distributed import Client, LocalCluster
 from .config import ClusterConfig
 from .environment import nanny_environment, worker_environment
 from .errors import ConfigError
+from .worker_signals import worker_preloads, workers_ignore_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         )
     env = worker_environment(torch_threads(config), config.worker_env)
     gpus = local_gpus(config)
-    # workers ignore a terminal's Ctrl-C (it reaches the driver only) and get their
-    # allocator and thread variables, both set before each worker process starts
-    with _workers_ignore_sigint(), nanny_environment(env):
+    # workers ignore a terminal's Ctrl-C (it reaches the driver only), restarted ones too
+    # (a preload), and get their allocator and thread variables before each one starts
+    with workers_ignore_sigint(), nanny_environment(env):
         if gpus:
             cluster = gpu_cluster(config, gpus, env)
         else:
@@ -64,6 +64,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
                 dashboard_address=loopback(config.dashboard_address),
                 silence_logs=logging.ERROR,
                 env=env,  # wins over variables already set in this process
+                preload=worker_preloads(),
             )
     with cluster, Client(cluster) as client:
         yield client
@@ -72,24 +73,6 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
 def loopback(address: str) -> str:
     """``:8787`` (all interfaces, for Dask) -> ``127.0.0.1:8787``: a local cluster stays local."""
     return "127.0.0.1" + address if address.startswith(":") else address
-
-
-@contextmanager
-def _workers_ignore_sigint() -> Iterator[None]:
-    """Start worker processes with SIGINT ignored (they inherit it across exec).
-
-    Ctrl-C in a terminal signals the whole process group; the driver alone
-    decides how a run stops (see the runner), so workers must not die of it.
-    """
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: workers are not in a terminal's group then
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _has_cuda() -> bool:
@@ -137,6 +120,7 @@ def gpu_worker_spec(
                 "host": "127.0.0.1",
                 "silence_logs": logging.ERROR,
                 "env": {**env, "CUDA_VISIBLE_DEVICES": gpu},
+                "preload": worker_preloads(),
             },
         }
         for gpu in gpus

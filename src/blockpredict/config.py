@@ -6,7 +6,6 @@ resolved against the workflow file's folder.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from .config_errors import README_WORKFLOW, config_error
 from .errors import ConfigError
 from .stores import READ_ONLY_SCHEMES, check_url, is_url, local_path
 from .unet_config import UNetConfig, read_unet_config
@@ -34,7 +34,6 @@ class Strict(BaseModel):
 
 S = TypeVar("S", bound=Strict)
 
-README_WORKFLOW = "see 'The workflow file' in the README"
 
 
 class Scaling(Strict):
@@ -354,7 +353,7 @@ def validate_workflow(
     try:
         return Workflow.model_validate(raw)
     except ValidationError as e:
-        raise _config_error(e, where) from None
+        raise config_error(e, Workflow, where) from None
 
 
 def validate_section(kind: type[S], raw: Any, section: str) -> S:
@@ -364,54 +363,4 @@ def validate_section(kind: type[S], raw: Any, section: str) -> S:
     try:
         return kind.model_validate(raw)
     except ValidationError as e:
-        raise _config_error(e, section, (section,)) from None
-
-
-def _config_error(error: ValidationError, where: str, prefix: tuple[str, ...] = ()) -> ConfigError:
-    first = error.errors()[0]
-    loc = [*prefix] + [
-        str(p)
-        for p in first["loc"]
-        if not str(p).startswith(("function-", "tagged-", "literal[")) and not _is_model_name(p)
-    ]
-    key = ".".join(loc) or "workflow"
-    if first["type"] == "extra_forbidden":
-        hint = _did_you_mean(loc)
-        return ConfigError(f"unknown key {key!r}", where, hint)
-    if first["type"] == "missing":
-        return ConfigError(f"missing key {key!r}", where, f"add it ({README_WORKFLOW})")
-    message = first["msg"].removeprefix("Value error, ")
-    got = "" if first["type"] == "value_error" else f" (got {_short(first.get('input'))})"
-    return ConfigError(
-        f"invalid value for {key}: {message}{got}", where, README_WORKFLOW
-    )
-
-
-def _is_model_name(part: Any) -> bool:
-    """A union member's class name (e.g. ``Scaling``) in an error location: not a key."""
-    return isinstance(part, str) and part[:1].isupper() and any(c.islower() for c in part)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _did_you_mean(loc: list[str]) -> str:
-    model: type[BaseModel] | None = Workflow
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if model else None
-        model = _submodel(field.annotation) if field else None
-    known = list(model.model_fields) if model else []
-    close = difflib.get_close_matches(loc[-1], known, n=1)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return f"known keys: {', '.join(known)}" if known else "remove it"
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    candidates = getattr(annotation, "__args__", (annotation,))
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, BaseModel):
-            return c
-    return None
+        raise config_error(e, Workflow, section, (section,)) from None

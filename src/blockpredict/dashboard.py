@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .live import STATE_COLORS, STATE_NAMES, LiveState, lookup
+from .words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,9 @@ def _header(live: LiveState) -> str:
         f"<h2>blockpredict: {status}</h2>",
         f"<p>output: {live.output_path} &nbsp; block grid {tuple(live.plan.grid_shape)}</p>",
         f"<p>done {c['done']:,}/{c['total']:,} ({c['processed']:,} processed, {c['skipped']:,}"
-        f" skipped by resume), {c['failed']:,} failed, {c['retries']:,} retries,"
-        f" {c['in_flight']} in flight, {c['workers']} workers</p>",
+        f" skipped by resume), {c['failed']:,} failed,"
+        f" {c['retries']:,} {'retry' if c['retries'] == 1 else 'retries'},"
+        f" {c['in_flight']:,} in flight, {plural(c['workers'], 'worker')}</p>",
     ]
     if live.ended and live.summary:
         lines.append(f"<pre>{live.summary}</pre>")

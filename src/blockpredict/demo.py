@@ -135,10 +135,10 @@ def train(
 def _small_valid_shape(model: Any, min_output: int = 16) -> tuple[tuple[int, ...], Any]:
     """The smallest input (``model.input_shape`` less whole steps of twice its total
     downsampling) whose output is at least ``min_output`` per axis: cheap training steps."""
-    from .workflow import _phase
+    from .model_checks import downsampling_phase
 
     full = Coordinate(model.input_shape)
-    step = Coordinate(2 * s for s in (_phase(model) or (1,) * full.dims))
+    step = Coordinate(2 * s for s in (downsampling_phase(model) or (1,) * full.dims))
     n_max = min(f // s for f, s in zip(full, step, strict=True))
     for n in range(n_max, 0, -1):  # smallest first: failures there are cheap
         candidate = full - step * n

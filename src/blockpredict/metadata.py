@@ -16,6 +16,7 @@ from typing import Any
 from funlib.geometry import Coordinate
 
 from .errors import InputError
+from .words import plural
 
 VOXEL_SIZE_KEYS = ("voxel_size", "resolution")
 
@@ -95,7 +96,7 @@ def _coordinate(attrs: Mapping[str, Any], key: str, dims: int, where: str) -> Co
         or not all(isinstance(v, (int, float)) and float(v).is_integer() for v in value)
     ):
         raise InputError(
-            f"metadata {key!r} is {value!r}, not {dims} integers",
+            f"metadata {key!r} is {value!r}, not {plural(dims, 'integer')}",
             where,
             "fix the array's attributes or set input."
             + ("offset" if key == "offset" else "voxel_size"),
@@ -106,7 +107,8 @@ def _coordinate(attrs: Mapping[str, Any], key: str, dims: int, where: str) -> Co
 def _given(value: Sequence[int], dims: int, key: str) -> Coordinate:
     if len(value) != dims:
         raise InputError(
-            f"{key} has {len(value)} values, the input has {dims} spatial axes",
+            f"{key} has {plural(len(value), 'value')}, the input has "
+            f"{plural(dims, 'spatial axis', 'spatial axes')}",
             key,
             "give one value per spatial axis (z, y, x order, world units)",
         )

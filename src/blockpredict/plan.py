@@ -19,6 +19,7 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from .errors import GeometryError
+from .words import plural
 
 Border = Literal["valid", "pad"]
 
@@ -136,7 +137,7 @@ def lift(coordinate: Sequence[int], dims: int, fill: int) -> Coordinate:
     coordinate = tuple(coordinate)
     if len(coordinate) > dims:
         raise GeometryError(
-            f"model has {len(coordinate)} spatial dims but the input has {dims}",
+            f"model has {plural(len(coordinate), 'spatial dim')} but the input has {dims}",
             "input",
             "use a model with at most as many dims as the data",
         )
@@ -179,8 +180,8 @@ def make_plan(
     grid = Coordinate(math.lcm(a, b) for a, b in zip(vin, vout, strict=True))
     _check_context(read_size, write_size, vin, vout, grid)
     context = (read_size - write_size) / 2
-    output_roi = _output_roi(input_roi, context, grid, requested_roi, border)
-    warnings = _phase_warnings(write_size, vin, dims, phase)
+    output_roi, warnings = _output_roi(input_roi, context, grid, requested_roi, border, vout)
+    warnings += _phase_warnings(write_size, vin, dims, phase)
     return BlockPlan(
         input_roi=input_roi.copy(),
         input_voxel_size=vin,
@@ -239,8 +240,11 @@ def _output_roi(
     grid: Coordinate,
     requested_roi: Roi | None,
     border: Border,
-) -> Roi:
+    vout: Coordinate,
+) -> tuple[Roi, list[str]]:
+    """The output ROI, and warnings saying how a requested ROI was clipped or snapped."""
     allowed = input_roi.grow(-context, -context) if border == "valid" else input_roi.copy()
+    limit = allowed.copy()
     if requested_roi is not None:
         if not requested_roi.intersects(input_roi):
             raise GeometryError(
@@ -263,7 +267,34 @@ def _output_roi(
             "output.roi",
             "use a larger requested ROI",
         )
-    return roi
+    if requested_roi is None:
+        return roi, []
+    span = ", ".join(f"{b}:{e}" for b, e in zip(limit.begin, limit.end, strict=True))
+    limit_text = "the input ROI less the context" if border == "valid" else "the input ROI"
+    warnings = [  # allowed is now the requested ROI clipped to the limit
+        _trim_warning(f"was clipped to {limit_text} [{span}]", requested_roi, allowed, vout),
+        _trim_warning(f"was snapped to the voxel grid {tuple(grid)}", allowed, roi, vout),
+    ]
+    return roi, [w for w in warnings if w]
+
+
+def _trim_warning(what: str, before: Roi, after: Roi, vout: Coordinate) -> str | None:
+    """How far each side of ``before`` moved in to give ``after`` (world units, output voxels).
+
+    Voxels are output voxels and may be fractional (a requested edge between voxels).
+    """
+    start, end = after.begin - before.begin, before.end - after.end
+    if not any(start) and not any(end):
+        return None
+
+    def side(name: str, by: Coordinate) -> str:
+        voxels = ", ".join(f"{b / v:g}" for b, v in zip(by, vout, strict=True))
+        return f"at the {name} by {tuple(by)} world units = ({voxels}) voxels"
+
+    return (
+        f"output.roi {what}: trimmed {side('start', start)}, {side('end', end)}; "
+        f"now offset {tuple(after.offset)} shape {tuple(after.shape)}"
+    )
 
 
 def _phase_warnings(
@@ -371,7 +402,8 @@ def _shape_of(shape: Sequence[int] | None, dims: int, key: str) -> Coordinate | 
         return None
     if len(shape) != dims:
         raise GeometryError(
-            f"{key} has {len(shape)} values, the output has {dims} spatial axes",
+            f"{key} has {plural(len(shape), 'value')}, the output has "
+            f"{plural(dims, 'spatial axis', 'spatial axes')}",
             key,
             "give one value per spatial axis",
         )

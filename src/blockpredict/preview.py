@@ -138,7 +138,7 @@ def _sample(array: Any, section: Roi, pixel: Coordinate) -> np.ndarray:
     """(C, H, W) values at each pixel's centre (nearest voxel), zero outside the array."""
     vs = Coordinate(array.voxel_size)
     region = section.snap_to_grid(vs, mode="grow")  # whole voxels around the section
-    data = np.asarray(array.to_ndarray(region, fill_value=0))
+    data = _read(array, region)
     channels = data.ndim - vs.dims
     data = data.reshape((-1, *data.shape[channels:])) if channels else data[None]
     data = data.reshape(data.shape[0], -1, *data.shape[-2:])[:, 0]
@@ -148,6 +148,20 @@ def _sample(array: Any, section: Roi, pixel: Coordinate) -> np.ndarray:
     iy = (centres_y - region.begin[-2]) // vs[-2]
     ix = (centres_x - region.begin[-1]) // vs[-1]
     return data[:, iy][:, :, ix]
+
+
+def _read(array: Any, region: Roi) -> np.ndarray:
+    """``region`` of ``array`` with its channel axes first (wherever the array keeps them),
+    zero outside the array."""
+    vs = Coordinate(array.voxel_size)
+    axes = [i for i, kind in enumerate(array.types) if kind == "channel"]
+    channels = tuple(array.shape[i] for i in axes)
+    out = np.zeros((*channels, *(region.shape / vs)), dtype=array.dtype)
+    inside = region.intersect(array.roi)
+    if not inside.empty:
+        data = np.moveaxis(np.asarray(array[inside]), axes, list(range(len(axes))))
+        out[(..., *((inside - region.offset) / vs).to_slices())] = data
+    return out
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from .observe import RunObserver
+from .words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,10 @@ class Progress(RunObserver):
         blocks, voxels, eta = self.rates()
         pct = 100 * self.done / max(1, self.total)
         return (
-            f"progress: {self.done}/{self.total} blocks ({pct:.1f}%), {blocks:.2f} blocks/s, "
+            f"progress: {self.done}/{plural(self.total, 'block')} ({pct:.1f}%), "
+            f"{blocks:.2f} blocks/s, "
             f"{format_rate(voxels)}, ETA {format_seconds(eta)}, "
-            f"{self.failed} failed, {self.n_workers} workers"
+            f"{self.failed} failed, {plural(self.n_workers, 'worker')}"
         )
 
     def _postfix(self) -> None:

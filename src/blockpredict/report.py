@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .plan import Block
+from .words import plural
 
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -116,10 +117,10 @@ class RunReport:
         lines = [
             f"blocks: {self.blocks_done}/{self.blocks_total} done "
             f"({self.blocks_processed} processed, {self.blocks_skipped} skipped), "
-            f"{self.blocks_failed} failed, {self.retries} retries",
+            f"{self.blocks_failed} failed, {plural(self.retries, 'retry', 'retries')}",
             f"time: {self.wall_seconds:.1f} s, "
             f"{self.output_voxels_per_second / 1e6:.2f} M output voxels/s, "
-            f"{self.workers} workers",
+            f"{plural(self.workers, 'worker')}",
         ]
         if self.phase_seconds:
             phases = ", ".join(
@@ -141,7 +142,7 @@ class RunReport:
         for failed in self.failed_blocks[:20]:
             lines.append(f"failed block {failed.id} {failed.index}: {failed.error}")
         if len(self.failed_blocks) > 20:
-            lines.append(f"... and {len(self.failed_blocks) - 20} more failed blocks")
+            lines.append(f"... and {plural(len(self.failed_blocks) - 20, 'more failed block')}")
         return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from .plan import morton_order
 from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
 from .sizing import TaskSizer
+from .words import plural
 from .worker import (
     PLUGIN_NAME,
     ModelPlugin,
@@ -165,7 +166,10 @@ class Dispatcher:
         report.blocks_failed += 1
         report.failed_blocks.append(FailedBlock.of(block, result.error))
         logger.error(
-            "block %d failed after %d attempts: %s", block_id, self.attempts[block_id], result.error
+            "block %d failed after %s: %s",
+            block_id,
+            plural(self.attempts[block_id], "attempt"),
+            result.error,
         )
 
     def wait_any(self, timeout: float) -> None:
@@ -269,7 +273,7 @@ def run(
                 if d.stop_reason and not d.drained:
                     d.cancel_waiting()
                 if now > grace_end or d.stop_now:
-                    logger.warning("grace period over: cancelling %d tasks", len(d.owner))
+                    logger.warning("grace period over: cancelling %s", plural(len(d.owner), "task"))
                     d.cancel_all()
                 if now >= next_timeout_check:
                     d.check_timeouts()
@@ -291,9 +295,9 @@ def run(
             observer.tick()
             ledger.flush()
     if d.report.fail_fast_error:  # once, after the failures of the tasks in flight
-        logger.error(
-            "the first %d blocks all failed with: %s", execution.fail_fast, d.report.fail_fast_error
-        )
+        n = execution.fail_fast
+        first = "the first block" if n == 1 else f"the first {n} blocks all"
+        logger.error("%s failed with: %s", first, d.report.fail_fast_error)
     report = d.report
     report.workers = max(report.workers, len(d.worker_names))
     report.interrupted = d.stop_reason if d.stop_reason in ("SIGINT", "SIGTERM") else None

@@ -54,8 +54,8 @@ class InputInfo:
     voxel_size: Coordinate
     dtype: str
     num_channels: int
-    has_channel_axis: bool
-    axis_names: tuple[str, ...]
+    channel_axis: int | None  # where the array's channel axis ('c^') stands, if it has one
+    axis_names: tuple[str, ...]  # the spatial axes' names
     units: tuple[str, ...]
     storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
     cache_bytes: int = 0  # per-worker cache of recently read chunks (URL containers)
@@ -65,6 +65,10 @@ class InputInfo:
     voxel_size_source: str = "metadata"
     offset_source: str = "metadata"
     warnings: tuple[str, ...] = ()
+
+    @property
+    def has_channel_axis(self) -> bool:
+        return self.channel_axis is not None
 
 
 def open_input(
@@ -101,12 +105,8 @@ def open_input(
         raise InputError(
             f"unsupported input dtype {dtype}", path, f"convert to one of {', '.join(INPUT_DTYPES)}"
         )
-    channel_dims = array.channel_dims
-    if channel_dims > 1:
-        raise InputError(
-            f"input has {channel_dims} channel axes", path, "give at most one (the first axis)"
-        )
-    spatial = list(array.axis_names)[channel_dims:]
+    channel_axis = _channel_axis(array, path)
+    spatial = [n for i, n in enumerate(array.axis_names) if i != channel_axis]
     if level is None:
         attrs = dict(zarr.open_array(store, mode="r").attrs)
     else:  # the level's transforms stand for the array's own attributes
@@ -125,8 +125,8 @@ def open_input(
         roi=array.roi,
         voxel_size=array.voxel_size,
         dtype=dtype,
-        num_channels=array.shape[0] if channel_dims else 1,
-        has_channel_axis=bool(channel_dims),
+        num_channels=1 if channel_axis is None else array.shape[channel_axis],
+        channel_axis=channel_axis,
         axis_names=tuple(spatial),
         units=tuple(array.units),
         storage_options=options,
@@ -136,6 +136,19 @@ def open_input(
         offset_source=meta.offset_source,
         warnings=meta.warnings,
     )
+
+
+def _channel_axis(array: Any, path: str) -> int | None:
+    """The position of the one channel axis (funlib: type 'channel', a name ending in '^')."""
+    axes = [i for i, kind in enumerate(array.types) if kind == "channel"]
+    if len(axes) > 1:
+        names = ", ".join(repr(array.axis_names[i]) for i in axes)
+        raise InputError(
+            f"input has {len(axes)} channel axes ({names})",
+            path,
+            "give at most one, named 'c^' (it may stand anywhere)",
+        )
+    return axes[0] if axes else None
 
 
 def _zarr_format(path: str, options: dict) -> int:
@@ -193,12 +206,14 @@ class BlockReader:
         inside = roi.intersect(info.roi)
         if inside.empty:
             return np.zeros((info.num_channels, *(roi.shape / info.voxel_size)), np.float32)
-        src = _slices(inside, info.roi.offset, info.voxel_size)
-        data = self.array[src if info.has_channel_axis else src[1:]]
-        # zarr returns a fresh array: convert once, normalize in place
-        data = np.asarray(data, dtype=np.float32)
-        if not info.has_channel_axis:
-            data = data[None]
+        index = list(_slices(inside, info.roi.offset, info.voxel_size)[1:])
+        axis = info.channel_axis
+        if axis is not None:
+            index.insert(axis, slice(None))
+        data = self.array[tuple(index)]
+        # zarr returns a fresh array: convert (channels first) once, normalize in place
+        data = data[None] if axis is None else np.moveaxis(data, axis, 0)
+        data = np.ascontiguousarray(data, dtype=np.float32)
         if self.scale != 1.0:
             data *= np.float32(self.scale)
         if self.shift != 0.0:

@@ -150,6 +150,6 @@ def unet_config_error(error: ValidationError, where: str) -> ConfigError:
         hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
         return ConfigError(f"unknown key {key!r}", where, hint)
     if first["type"] == "missing":
-        return ConfigError(f"missing key {key!r}", where, "add it (see CNNectomeUNetConfig)")
+        return ConfigError(f"missing key {key!r}", where, "add it (see 'model' in the README)")
     message = first["msg"].removeprefix("Value error, ")
     return ConfigError(f"invalid value for {key or 'unet'}: {message}", where, "fix the file")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from .build import build_model, check_model_api, place
+from .build import build_model, build_shapes, check_model_api, place
 from .config import (
     ClusterConfig,
     ExecutionConfig,
@@ -28,14 +26,22 @@ from .config import (
     resolve_container,
     validate_section,
 )
-from .errors import ConfigError, GeometryError, ModelError, OutputError
+from .errors import GeometryError, ModelError
 from .events import events_path, replay
 from .events import reset as reset_events
 from .fingerprint import model_fingerprint
 from .job import Job, describe
 from .layout import describe_output
 from .ledger import Ledger, ledger_path
+from .location import check_not_input, check_writable
 from .lock import OutputLock
+from .model_checks import (
+    check_channels,
+    downsampling_phase,
+    model_warnings,
+    probe_output_shape,
+    warn_unbounded,
+)
 from .plan import BlockPlan, make_plan
 from .precision import check_precision
 from .report import RunReport
@@ -49,6 +55,7 @@ from .storage import (
     prepare_output,
 )
 from .stores import check_container, exists, is_url
+from .words import plural
 
 logger = logging.getLogger(__name__)
 
@@ -116,56 +123,14 @@ def prepare(
     out_path = output_path(output.container, output.dataset)
     check_not_input(info.path, out_path)
     check_writable(out_path)
-    if info.num_channels != model.num_in_channels:
-        raise ModelError(
-            f"input has {info.num_channels} channels, the model expects {model.num_in_channels}",
-            info.path,
-            "use a matching input or model (a channel axis is named 'c^')",
-        )
-    eval_input_shape = Coordinate(model.eval_input_shape)
-    if eval_input_shape.dims > info.voxel_size.dims:
-        raise ModelError(
-            f"model has {eval_input_shape.dims} spatial dims, the input has {info.voxel_size.dims}",
-            info.path,
-            "use a model with at most as many dims as the input",
-        )
-    try:
-        channels, eval_output_shape = _output_shape(model, eval_input_shape)
-    except Exception as e:
-        raise ModelError(
-            f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
-            "model",
-            "check the declared input_shape and eval_shape_increase",
-        ) from e
-    model_dims = eval_input_shape.dims
-    vin = info.voxel_size
-    vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
-    requested = None
-    if output.roi is not None:
-        if len(output.roi.offset) != vin.dims:
-            raise GeometryError(
-                f"output.roi has {len(output.roi.offset)} dims, the input has {vin.dims}",
-                "output.roi",
-                "give one offset and shape value per spatial axis (world units)",
-            )
-        requested = Roi(output.roi.offset, output.roi.shape)
-    plan = make_plan(
-        input_roi=info.roi,
-        input_voxel_size=vin,
-        output_voxel_size=vout,
-        eval_input_shape=eval_input_shape,
-        eval_output_shape=Coordinate(eval_output_shape),
-        requested_roi=requested,
-        border=output.border,
-        phase=_phase(model),
-    )
+    plan, channels = plan_blocks(info, output, model)
     for warning in plan.warnings:
         logger.warning(warning)
-    warnings = _model_warnings(model)
+    warnings = model_warnings(model)
     for warning in warnings:
         logger.warning(warning)
-    _check_channels(model_source, int(channels))
-    _warn_unbounded(model, output.dtype)
+    check_channels(model_source, int(channels))
+    warn_unbounded(model, output.dtype)
     fingerprint = model_fingerprint(model, model_source, scaling)
     prepared = Prepared(
         info,
@@ -180,99 +145,63 @@ def prepare(
     return _check_existing(prepared, execution or ExecutionConfig())
 
 
-def check_not_input(input_path: str, out_path: str) -> None:
-    """The input is only ever read: refuse an output or ledger that is, holds or lies in it.
+def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[BlockPlan, int]:
+    """The block plan of ``model`` over the input, and the model's output channels.
 
-    Local paths are compared resolved (``..``, symbolic links); URLs as written.
+    Needs only the model's shapes (``count_blocks`` passes one without weights).
     """
-    source = _resolved(input_path)
-    for what, path in (("output", out_path), ("ledger", ledger_path(out_path))):
-        target = _resolved(path)
-        if target == source or _inside(target, source) or _inside(source, target):
-            relation = "is"
-            if target != source:
-                relation = "contains" if _inside(source, target) else "lies inside"
-            raise ConfigError(
-                f"the {what} {relation} the input {input_path}",
-                f"output.container/output.dataset {out_path}",
-                "write the output to another dataset or container",
-            )
-
-
-def _resolved(path: str) -> str:
-    return str(path).rstrip("/") if is_url(path) else os.path.realpath(path)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path.startswith(folder.rstrip("/" + os.sep) + "/")
-
-
-def check_writable(out_path: str) -> None:
-    """The output's folder can be created and written (tried, then removed).
-
-    A URL output is checked against its store instead (``stores.check_container``).
-    """
-    if is_url(out_path):
-        return
-    problem = writable_problem(os.path.dirname(os.path.abspath(out_path)))
-    if problem:
-        raise OutputError(
-            f"the output cannot be written: {problem}",
-            "output.container",
-            "choose a writable location",
-        )
-
-
-def writable_problem(folder: str) -> str | None:
-    """Why files cannot be made in ``folder`` (or the folders to create there), or None."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is not a folder"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".blockpredict-check-", dir=existing))
-    except OSError as e:
-        return f"cannot write in {existing} ({e.strerror or e})"
-    return None
-
-
-def _warn_unbounded(model: Any, dtype: str) -> None:
-    """uint8 stores [0, 1] as 0..255: values of an unbounded activation are clipped."""
-    activation = getattr(model, "eval_activation", None)
-    name = type(activation).__name__ if activation is not None else "none"
-    if dtype == "uint8" and name not in ("Sigmoid", "Softmax"):
-        logger.warning(
-            "output.dtype is uint8, which stores [0, 1] as 0..255, but the model's "
-            "activation (%s) is not bounded to [0, 1]: values outside are clipped; "
-            "set model.eval_activation: sigmoid or output.dtype: float32",
-            name,
-        )
-
-
-def _check_channels(model_source: Any, channels: int) -> None:
-    """A declared ``num_out_channels`` must be what the model's shape probe returned."""
-    declared = getattr(model_source, "num_out_channels", None)
-    if isinstance(declared, int) and declared != channels:
+    if info.num_channels != model.num_in_channels:
         raise ModelError(
-            f"the model returns {channels} channel{'s' * (channels != 1)}, "
-            f"the workflow declares {declared}",
-            "model.num_out_channels",
-            f"set num_out_channels: {channels} or fix the model",
+            f"input has {plural(info.num_channels, 'channel')}, "
+            f"the model expects {model.num_in_channels}",
+            info.path,
+            "use a matching input or model (a channel axis is named 'c^')",
         )
+    eval_input_shape = Coordinate(model.eval_input_shape)
+    if eval_input_shape.dims > info.voxel_size.dims:
+        raise ModelError(
+            f"model has {plural(eval_input_shape.dims, 'spatial dim')}, "
+            f"the input has {info.voxel_size.dims}",
+            info.path,
+            "use a model with at most as many dims as the input",
+        )
+    try:
+        channels, eval_output_shape = probe_output_shape(model, eval_input_shape)
+    except Exception as e:
+        raise ModelError(
+            f"the model fails on an input of shape {tuple(eval_input_shape)}: {describe(e)}",
+            "model",
+            "check the declared input_shape and eval_shape_increase",
+        ) from e
+    model_dims = eval_input_shape.dims
+    vin = info.voxel_size
+    vout = Coordinate(model.scale(Coordinate(vin[vin.dims - model_dims :])))
+    requested = None
+    if output.roi is not None:
+        if len(output.roi.offset) != vin.dims:
+            raise GeometryError(
+                f"output.roi has {plural(len(output.roi.offset), 'dim')}, the input has {vin.dims}",
+                "output.roi",
+                "give one offset and shape value per spatial axis (world units)",
+            )
+        requested = Roi(output.roi.offset, output.roi.shape)
+    plan = make_plan(
+        input_roi=info.roi,
+        input_voxel_size=vin,
+        output_voxel_size=vout,
+        eval_input_shape=eval_input_shape,
+        eval_output_shape=Coordinate(eval_output_shape),
+        requested_roi=requested,
+        border=output.border,
+        phase=downsampling_phase(model),
+    )
+    return plan, int(channels)
 
 
-def _output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, Coordinate]:
-    """Channels and spatial output shape at the eval input shape.
 
-    The Model computed its ``output_shape`` at ``input_shape`` when it was built
-    (a dummy forward); reuse it where the eval shape is the same.
-    """
-    output_shape = getattr(model, "output_shape", None)
-    if output_shape is not None and Coordinate(model.input_shape) == eval_input_shape:
-        return int(model.num_out_channels), Coordinate(output_shape)
-    channels, shape = model.compute_output_shape(eval_input_shape)
-    return int(channels), Coordinate(shape)
+
+
+
 
 
 def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
@@ -314,28 +243,8 @@ def _layout_dict(info: OutputInfo) -> dict[str, Any]:
     }
 
 
-def _model_warnings(model: Any) -> tuple[str, ...]:
-    """What blockwise prediction cannot promise for this model."""
-    architecture = getattr(model, "architecture", model)
-    if getattr(architecture, "use_attention", False):
-        return (
-            "the U-Net uses attention (use_attention: true), which is not translation-"
-            "equivariant: each block equals the model applied to that block's read ROI, "
-            "not a whole-volume forward pass (block seams may show)",
-        )
-    return ()
 
 
-def _phase(model: Any) -> Coordinate | None:
-    """The architecture's total downsampling factor, where it declares one."""
-    architecture = getattr(model, "architecture", model)
-    product = getattr(architecture, "downsample_factor_product", None)
-    if product is not None:
-        return Coordinate(product)
-    factors = getattr(architecture, "downsample_factors", None)
-    if factors:
-        return Coordinate(math.prod(f[i] for f in factors) for i in range(len(factors[0])))
-    return None
 
 
 def prepare_workflow(workflow: Workflow) -> Prepared:
@@ -345,6 +254,24 @@ def prepare_workflow(workflow: Workflow) -> Prepared:
     if workflow.model.unet is not None and workflow.model.checkpoint is None:
         logger.warning("model.checkpoint is not set: the U-Net has untrained weights (seed 0)")
     return prepared
+
+
+def count_blocks(workflow: Workflow) -> int:
+    """The workflow's number of blocks, from the model's shapes: its weights never load.
+
+    A model that cannot be built without its weights (a factory that reads them) is
+    built in full instead.
+    """
+    try:
+        model = build_shapes(workflow.model)
+    except Exception:  # built in full below, where a real error is raised as usual
+        logger.debug("the model's shapes need its weights", exc_info=True)
+        model = build_model(workflow.model)
+    source = workflow.input
+    info = open_input(
+        source.container, source.dataset, source.voxel_size, source.offset, source.storage_options
+    )
+    return plan_blocks(info, workflow.output, model)[0].num_blocks
 
 
 def execute(
@@ -389,7 +316,8 @@ def execute(
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
-            logger.info("resuming: %d of %d blocks done", ledger.counts()["done"], plan.num_blocks)
+            done, total = ledger.counts()["done"], plural(plan.num_blocks, "block")
+            logger.info("resuming: %d of %s done", done, total)
         else:
             prepare_output(info, out.overwrite)
             ledger = Ledger.create(
