@@ -126,30 +126,63 @@ def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.clip(0.5 * noise + 40 * waves + 64, 0, 255).astype(np.uint8)
 
 
-MARKED_FACTORY = """
-import time
+FACTORY = """
+import os, time
 import torch
 from funlib.geometry import Coordinate
 from blockpredict.architectures import WrappedArchitecture
 from blockpredict.model import Model
 
-class Marked(torch.nn.Module):
-    # 3x3x3 mean filter that raises or hangs on blocks holding a marked voxel (> 100)
-    def __init__(self, action):
+class SlowMean(torch.nn.Module):
+    '''3x3x3 mean filter (10^3 in, 8^3 out) for runs that fail, hang or take time.
+
+    A block holding a marked voxel (above ``mark``) raises, or hangs if ``action`` is
+    "hang". Every other block (never the all-zero shape probe) raises when ``fail``,
+    waits for the file ``gate`` if given, and sleeps ``delay`` seconds.'''
+    def __init__(self, delay, fail, gate, action, mark):
         super().__init__()
-        self.action = action
+        self.delay, self.fail, self.gate, self.action, self.mark = delay, fail, gate, action, mark
     def forward(self, x):
-        if x.max() > 100:
+        if x.max() > self.mark:
             if self.action == "hang":
                 time.sleep(3600)
             raise ValueError("marked voxel in this block")
+        if x.abs().sum() > 0:  # not in the shape probe
+            if self.fail:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            while self.gate and not os.path.exists(self.gate):
+                time.sleep(0.05)
+            time.sleep(self.delay)
         return torch.nn.functional.avg_pool3d(x, 3, stride=1)
 
-def build(action="raise"):
-    arch = WrappedArchitecture(Marked(action), input_shape=Coordinate(10, 10, 10),
+def build(delay=0.0, fail=False, gate=None, action="raise", mark=100.0):
+    arch = WrappedArchitecture(SlowMean(delay, fail, gate, action, mark),
+                               input_shape=Coordinate(10, 10, 10),
                                num_in_channels=1, num_out_channels=1)
     return Model(arch, torch.nn.Identity())
 """
+
+
+def write_factory(folder: Path, name: str = "slow") -> str:
+    """The test factory ``FACTORY`` as module ``name`` in ``folder``; returns ``name``.
+
+    The shared cluster's workers cache modules by name: a test on it gives its module
+    a name no other test there uses.
+    """
+    (folder / f"{name}.py").write_text(FACTORY)
+    return name
+
+
+def on_workers(address: str, folder: Path) -> dict[str, str]:
+    """The shared cluster's workers import factory modules from ``folder`` too.
+
+    Returns the workflow's cluster section for that cluster.
+    """
+    from distributed import Client
+
+    with Client(address) as client:
+        client.run(exec, f"import sys; sys.path.insert(0, {str(folder)!r})")
+    return {"type": "address", "address": address}
 
 
 def marked_input(folder: Path) -> None:
@@ -158,7 +191,7 @@ def marked_input(folder: Path) -> None:
     With 10^3 reads and 8^3 writes the output ROI [1, 25)^3 has 3^3 blocks; only
     block (2, 2, 2), id 26, reads the marked voxel.
     """
-    (folder / "marked.py").write_text(MARKED_FACTORY)
+    write_factory(folder, "marked")
     data = np.ones((26, 26, 26), dtype=np.float32)
     data[20, 20, 20] = 1000.0
     make_input(folder / "in.zarr" / "raw", data, (1, 1, 1))
@@ -171,3 +204,4 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
         if math.prod(a.shape)
         else 0.0
     )
+

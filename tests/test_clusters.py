@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from conftest import (
+    make_input,
+    max_abs_diff,
+    read_output,
+    reference,
+    volume_of,
+    write_factory,
+    write_workflow,
+)
 from funlib.geometry import Coordinate, Roi
 
 from blockpredict.build import build_model
@@ -303,9 +311,7 @@ def test_ready_to_edit_configs_render(kind):
 
 def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
     """A run longer than the job walltime finishes: retiring workers get new jobs."""
-    from test_faults import FACTORY
-
-    (tmp_path / "slow.py").write_text(FACTORY)
+    write_factory(tmp_path)
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     path = write_workflow(

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import psutil
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_workflow
+from conftest import make_input, read_output, write_factory, write_workflow
 from s3server import FlakyProxy, moto_server, set_auth
 
 from blockpredict import stores
@@ -31,28 +30,6 @@ from blockpredict.cache import ChunkCache
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
-FACTORY = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def forward(self, x):
-            time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0):
-        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -95,7 +72,7 @@ def bucket(endpoint: str) -> str:
 @pytest.fixture
 def setup(tmp_path: Path, bucket: str) -> tuple[Path, str, np.ndarray]:
     """The factory module, a float32 input on disk and the same input in the bucket."""
-    (tmp_path / "mean.py").write_text(FACTORY)
+    write_factory(tmp_path, "mean")
     data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     s3fs_().put(str(tmp_path / "in.zarr"), f"{bucket}/in.zarr", recursive=True)
