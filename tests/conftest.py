@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
 import math
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +215,67 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
         else 0.0
     )
 
+
+def cli_in_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``blockpredict ARGS`` run by ``cli.main`` in this process, as a subprocess would see it.
+
+    For commands that end before any cluster starts (bad input, ``plan``): they cost
+    milliseconds here instead of seconds of imports. ``cwd`` is the working folder and
+    is on ``sys.path`` (factory modules); ``env`` is added to ``os.environ``. stdout and
+    stderr are captured, with the CLI's own log handler writing to that stderr as it
+    would in a fresh process; an exception that escapes ``main`` prints its traceback
+    and exits 1, as the interpreter does. Modules imported from ``cwd`` are forgotten.
+    What only a real process shows (signals, import time, the entry point) stays in
+    subprocess tests.
+    """
+    from blockpredict.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []  # main's logging.basicConfig installs its handler, as in a new process
+    modules = set(sys.modules)
+    sys.path.insert(0, str(cwd))
+    importlib.invalidate_caches()  # factory modules written since the last import
+    try:
+        with (
+            contextlib.chdir(cwd),
+            _environ(env or {}),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
+            warnings.resetwarnings()  # Python's defaults, not pytest's filters
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, root.level = saved
+        sys.path.remove(str(cwd))
+        for name in set(sys.modules) - modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if origin.startswith(os.path.join(cwd, "")):
+                del sys.modules[name]
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import zarr
 from conftest import (
+    cli_in_process,
     make_input,
     marked_input,
     max_abs_diff,
@@ -85,7 +86,7 @@ def test_demo(tmp_path):
 
 def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):
     path = basic_workflow(tmp_path)
-    result = cli("plan", str(path), cwd=tmp_path)
+    result = cli_in_process(["plan", str(path)], tmp_path)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "input voxel size   (4, 4, 4)" in text

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,37 +21,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_workflow
+from conftest import cli_in_process, make_input, read_output, write_factory, write_workflow
 
 from blockpredict.build import build_model
 from blockpredict.config import ModelConfig
 
-FACTORY = textwrap.dedent(
-    """
-    import os, time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        '''3x3x3 mean filter that sleeps per block, and waits for a gate file if given.'''
-        def __init__(self, delay, gate):
-            super().__init__()
-            self.delay, self.gate = delay, gate
-        def forward(self, x):
-            if x.abs().sum() > 0:  # not in the zero shape probe
-                while self.gate and not os.path.exists(self.gate):
-                    time.sleep(0.05)
-                time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0, gate=None):
-        arch = WrappedArchitecture(SlowMean(delay, gate), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 GRACE = 120.0  # an interrupted run that waited this long would have waited for lost blocks
 
 
@@ -116,7 +89,7 @@ def expected(data: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def slow(tmp_path: Path):
     """A 26^3 input (27 blocks of 8^3) and a workflow of the slow mean filter."""
-    (tmp_path / "slow.py").write_text(FACTORY)
+    write_factory(tmp_path)
     data = np.random.default_rng(0).random((26, 26, 26), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
 
@@ -151,7 +124,7 @@ def test_output_that_is_or_holds_the_input_is_refused(slow, container, dataset, 
     path = workflow(0.0, container=container, dataset=dataset, overwrite=True)
     before = tree(tmp_path / "in.zarr")
     for command in ("plan", "predict"):
-        line = error_line(run_cli(command, str(path), cwd=tmp_path))
+        line = error_line(cli_in_process([command, str(path)], tmp_path))
         assert phrase in line
     assert tree(tmp_path / "in.zarr") == before
 
@@ -169,9 +142,9 @@ def test_a_second_run_is_refused_even_with_overwrite_and_the_first_finishes(slow
     while not lock.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert json.loads(lock.read_text())["pid"] == first.pid
-    status = run_cli("status", str(path), cwd=tmp_path)
+    status = cli_in_process(["status", str(path)], tmp_path)
     assert f"running: pid {first.pid} on {socket.gethostname()}" in status.stdout
-    second = run_cli("predict", str(path), "--no-progress", cwd=tmp_path)
+    second = cli_in_process(["predict", str(path), "--no-progress"], tmp_path)
     line = error_line(second)
     assert "another run writes this output" in line and f"pid {first.pid}" in line
     assert first.poll() is None
