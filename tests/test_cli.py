@@ -16,6 +16,7 @@ from conftest import (
     make_input,
     marked_input,
     max_abs_diff,
+    on_workers,
     read_output,
     reference,
     volume_of,
@@ -46,7 +47,7 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-def basic_workflow(tmp_path: Path, **output) -> Path:
+def basic_workflow(tmp_path: Path, cluster: dict | None = None, **output) -> Path:
     make_input(tmp_path / "in.zarr" / "raw", volume_of((48, 48, 48)), (4, 4, 4))
     return write_workflow(
         tmp_path / "workflow.yaml",
@@ -54,7 +55,7 @@ def basic_workflow(tmp_path: Path, **output) -> Path:
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"unet": UNET, "head": {"out_channels": 2}},
             "output": {"container": "out.zarr", "dataset": "pred", **output},
-            "cluster": {"type": "local", "n_workers": 2},
+            "cluster": cluster or {"type": "local", "n_workers": 2},
         },
     )
 
@@ -99,8 +100,8 @@ def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_predict_with_set_and_report(tmp_path):
-    path = basic_workflow(tmp_path)
+def test_predict_with_set_and_report(tmp_path, cluster_address):
+    path = basic_workflow(tmp_path, {"type": "address", "address": cluster_address})
     report_path = tmp_path / "report.json"
     result = cli(
         "predict",
@@ -126,7 +127,7 @@ def test_predict_with_set_and_report(tmp_path):
     assert "dashboard: http://127.0.0.1:" in result.stderr
 
 
-def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
+def test_failing_blocks_are_retried_named_and_exit_1(tmp_path, cluster_address):
     marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
@@ -134,7 +135,7 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"factory": "marked:build"},
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "local", "n_workers": 1},
+            "cluster": on_workers(cluster_address, tmp_path),
             "execution": {"max_retries": 1},
         },
     )

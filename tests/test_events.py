@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, marked_input, read_output, write_factory, write_workflow
+from conftest import (
+    make_input,
+    marked_input,
+    on_workers,
+    read_output,
+    write_factory,
+    write_workflow,
+)
 
 import blockpredict
 from blockpredict.config import load_workflow
@@ -40,9 +47,8 @@ def on_path(tmp_path):
         sys.modules.pop(name, None)
 
 
-def test_the_log_of_a_run_with_one_failing_block(on_path, monkeypatch):
+def test_the_log_of_a_run_with_one_failing_block(on_path, cluster_address):
     tmp_path = on_path
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), SRC]))  # for the workers
     marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
@@ -50,7 +56,7 @@ def test_the_log_of_a_run_with_one_failing_block(on_path, monkeypatch):
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"factory": "marked:build"},
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+            "cluster": on_workers(cluster_address, tmp_path),
             "execution": {"max_retries": 1, "fail_fast": 0},
         },
     )
