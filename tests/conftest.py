@@ -279,3 +279,35 @@ def _environ(extra: dict[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def cli_process(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
+    """``python -m blockpredict.cli ARGS`` started in ``cwd``, stdout and stderr piped.
+
+    ``cwd`` (factory modules) and this checkout's ``src`` are on its PYTHONPATH, and
+    ``env`` is added to this process's environment. For what only a real process shows:
+    signals, killed workers or clients, the exit code of the real entry point.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), SRC]), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "blockpredict.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def worker_processes(pid: int) -> list[Any]:
+    """The Dask worker processes (``spawn_main``) below process ``pid``, as psutil sees them."""
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]

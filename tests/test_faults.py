@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import zarr
+from conftest import (
+    cli_process as cli,
+)
 from conftest import (
     make_input,
     marked_input,
     on_workers,
     read_output,
+    worker_processes,
     write_factory,
     write_workflow,
 )
@@ -58,19 +61,6 @@ def workflow(tmp_path: Path, cluster: dict, delay: float = 0.0, fail: bool = Fal
 def expected(data: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(data)[None, None]
     return torch.nn.functional.avg_pool3d(x, 3, stride=1)[0, 0].numpy()
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def ledger_done(tmp_path: Path) -> int:
@@ -148,11 +138,7 @@ def test_a_killed_worker_loses_nothing(setup):
     path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
     proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
     wait_for_ledger(tmp_path, 4)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "spawn_main" in " ".join(p.cmdline())
-    ]
+    workers = worker_processes(proc.pid)
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,24 +21,12 @@ import pytest
 import torch
 import zarr
 from conftest import cli_in_process, make_input, read_output, write_factory, write_workflow
+from conftest import cli_process as cli
 
 from blockpredict.build import build_model
 from blockpredict.config import ModelConfig
 
 GRACE = 120.0  # an interrupted run that waited this long would have waited for lost blocks
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -181,13 +168,13 @@ def test_a_lock_from_another_host_is_refused_until_unlocked(slow):
     lock = tmp_path / "out.zarr" / "pred.lock"
     lock.parent.mkdir()
     lock.write_text(json.dumps({"host": "far-away", "pid": 1, "started": "x"}))
-    line = error_line(run_cli("predict", str(path), "--no-progress", cwd=tmp_path))
+    line = error_line(cli_in_process(["predict", str(path), "--no-progress"], tmp_path))
     assert "pid 1 on far-away" in line and "blockpredict unlock" in line
     assert sorted(p.name for p in lock.parent.iterdir()) == ["pred.lock"]  # nothing written
-    status = run_cli("status", str(path), cwd=tmp_path)
+    status = cli_in_process(["status", str(path)], tmp_path)
     assert "running: pid 1 on far-away" in status.stdout
     assert "done: 0/27" in status.stdout and status.returncode == 0
-    unlocked = run_cli("unlock", str(path), cwd=tmp_path)
+    unlocked = cli_in_process(["unlock", str(path)], tmp_path)
     assert unlocked.returncode == 0 and "unlocked" in unlocked.stdout
     assert not lock.exists()
 
@@ -230,7 +217,7 @@ def test_resume_with_another_model_is_refused_and_a_moved_checkpoint_resumes(tmp
         ("input.normalize={scale: 0.5}", "normalization"),
         ("output.dtype=float16", "dtype"),
     ]:
-        line = error_line(run_cli("predict", str(path), "--set", override, cwd=tmp_path))
+        line = error_line(cli_in_process(["predict", str(path), "--set", override], tmp_path))
         assert "the model or geometry changed" in line and phrase in line, line
     assert tree(tmp_path / "out.zarr") == before
     (tmp_path / "moved").mkdir()

@@ -18,11 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_factory, write_workflow
+from conftest import (
+    cli_in_process,
+    make_input,
+    read_output,
+    worker_processes,
+    write_factory,
+    write_workflow,
+)
+from conftest import cli_process as cli
 from s3server import FlakyProxy, moto_server, set_auth
 
 from blockpredict import stores
@@ -99,19 +106,6 @@ def workflow(
     return write_workflow(folder / name, raw)
 
 
-def cli(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), SRC]), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
-
-
 def predict(path: Path, report: str = "report.json", **env: str) -> dict:
     proc = cli("predict", str(path), "--report", report, "--no-progress", cwd=path.parent, env=env)
     _, err = proc.communicate(timeout=300)
@@ -168,11 +162,7 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     deadline = time.time() + 120
     while ledger_done(f"s3://{bucket}/out.zarr/pred-ledger") < 4 and time.time() < deadline:
         time.sleep(0.2)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "spawn_main" in " ".join(p.cmdline())
-    ]
+    workers = worker_processes(proc.pid)
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
@@ -207,10 +197,18 @@ def test_transient_errors_are_retried_inside_the_read_and_the_write(setup, endpo
 
 
 def bad(path: Path, phrase: str, env: dict | None = None) -> None:
-    proc = cli("predict", str(path), "--report", "report.json", cwd=path.parent, env=env)
-    out, err = proc.communicate(timeout=120)
+    """Refused with one line and exit 2; in this process unless ``env`` changes credentials
+    (fsspec keeps a filesystem per process and arguments, made with the first keys)."""
+    args = ["predict", str(path), "--report", "report.json"]
+    if env:
+        proc = cli(*args, cwd=path.parent, env=env)
+        _, err = proc.communicate(timeout=120)
+        code = proc.returncode
+    else:
+        result = cli_in_process(args, path.parent)
+        err, code = result.stderr, result.returncode
     lines = err.strip().splitlines()
-    assert proc.returncode == 2, err
+    assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert phrase in lines[0], lines[0]
     assert not (path.parent / "report.json").exists()
