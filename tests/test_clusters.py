@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    cli_in_process,
     make_input,
     max_abs_diff,
     read_output,
@@ -111,12 +112,7 @@ def test_unreachable_scheduler_is_exit_2_quickly(tmp_path):
         },
     )
     start = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "predict", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = cli_in_process(["predict", str(path)], tmp_path)
     assert result.returncode == 2, result.stderr
     assert "error: no Dask scheduler answers at tcp://127.0.0.1:9" in result.stderr
     assert time.time() - start < 60

@@ -23,9 +23,11 @@ def rgb(color: str) -> list[int]:
     return [int(color[i : i + 2], 16) for i in (1, 3, 5)]
 
 
-@pytest.fixture
-def predicted(tmp_path, cluster_address):
-    """26^3 uint8 input, 3x3x3 blocks of 8^3; block (1, 2, 2) (id 17) fails."""
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, cluster_address):
+    """26^3 uint8 input, 3x3x3 blocks of 8^3; block (1, 2, 2) (id 17) fails. One run for
+    the module: the tests only read it."""
+    tmp_path = tmp_path_factory.mktemp("predicted")
     write_factory(tmp_path, "meanf")
     cluster = on_workers(cluster_address, tmp_path)
     sys.path.insert(0, str(tmp_path))
