@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import zarr
 from conftest import (
+    SRC,
     cli_in_process,
     make_input,
     marked_input,
@@ -145,7 +146,7 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path, cluster_address):
         "--report",
         "report.json",
         cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path)},
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])},
     )
     assert result.returncode == 1, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    SRC,
     cli_in_process,
     make_input,
     max_abs_diff,
@@ -323,14 +324,14 @@ def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
                     "memory": "2GB",
                     "interface": "lo",
                     "walltime": "00:00:30",  # lifetime 22 s
-                    "job_script_prologue": [f"export PYTHONPATH={tmp_path}"],
+                    "job_script_prologue": [f"export PYTHONPATH={tmp_path}:{SRC}"],
                     "log_directory": str(tmp_path / "logs"),
                 },
             },
         },
     )
     result, seen = predict_watching_squeue(
-        path, tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}
+        path, tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
     )
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 4, f"no replacement jobs: {sorted(seen)}"
