@@ -120,8 +120,9 @@ def done_pixels(png: Path) -> int:
     return int((np.abs(pixels.astype(int) - DONE_RGB).sum(axis=-1) <= 6).sum())
 
 
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One chromium for the module; each test gets a page of its own (``browser``)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -129,8 +130,15 @@ def browser():
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
-        yield chromium.new_page(viewport={"width": 1300, "height": 1100})
+        yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def browser(chromium):
+    page = chromium.new_page(viewport={"width": 1300, "height": 1100})
+    yield page
+    page.close()
 
 
 def check_our_page(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
