@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
 import math
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,30 +136,63 @@ def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.clip(0.5 * noise + 40 * waves + 64, 0, 255).astype(np.uint8)
 
 
-MARKED_FACTORY = """
-import time
+FACTORY = """
+import os, time
 import torch
 from funlib.geometry import Coordinate
 from blockpredict.architectures import WrappedArchitecture
 from blockpredict.model import Model
 
-class Marked(torch.nn.Module):
-    # 3x3x3 mean filter that raises or hangs on blocks holding a marked voxel (> 100)
-    def __init__(self, action):
+class SlowMean(torch.nn.Module):
+    '''3x3x3 mean filter (10^3 in, 8^3 out) for runs that fail, hang or take time.
+
+    A block holding a marked voxel (above ``mark``) raises, or hangs if ``action`` is
+    "hang". Every other block (never the all-zero shape probe) raises when ``fail``,
+    waits for the file ``gate`` if given, and sleeps ``delay`` seconds.'''
+    def __init__(self, delay, fail, gate, action, mark):
         super().__init__()
-        self.action = action
+        self.delay, self.fail, self.gate, self.action, self.mark = delay, fail, gate, action, mark
     def forward(self, x):
-        if x.max() > 100:
+        if x.max() > self.mark:
             if self.action == "hang":
                 time.sleep(3600)
             raise ValueError("marked voxel in this block")
+        if x.abs().sum() > 0:  # not in the shape probe
+            if self.fail:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            while self.gate and not os.path.exists(self.gate):
+                time.sleep(0.05)
+            time.sleep(self.delay)
         return torch.nn.functional.avg_pool3d(x, 3, stride=1)
 
-def build(action="raise"):
-    arch = WrappedArchitecture(Marked(action), input_shape=Coordinate(10, 10, 10),
+def build(delay=0.0, fail=False, gate=None, action="raise", mark=100.0):
+    arch = WrappedArchitecture(SlowMean(delay, fail, gate, action, mark),
+                               input_shape=Coordinate(10, 10, 10),
                                num_in_channels=1, num_out_channels=1)
     return Model(arch, torch.nn.Identity())
 """
+
+
+def write_factory(folder: Path, name: str = "slow") -> str:
+    """The test factory ``FACTORY`` as module ``name`` in ``folder``; returns ``name``.
+
+    The shared cluster's workers cache modules by name: a test on it gives its module
+    a name no other test there uses.
+    """
+    (folder / f"{name}.py").write_text(FACTORY)
+    return name
+
+
+def on_workers(address: str, folder: Path) -> dict[str, str]:
+    """The shared cluster's workers import factory modules from ``folder`` too.
+
+    Returns the workflow's cluster section for that cluster.
+    """
+    from distributed import Client
+
+    with Client(address) as client:
+        client.run(exec, f"import sys; sys.path.insert(0, {str(folder)!r})")
+    return {"type": "address", "address": address}
 
 
 def marked_input(folder: Path) -> None:
@@ -158,7 +201,7 @@ def marked_input(folder: Path) -> None:
     With 10^3 reads and 8^3 writes the output ROI [1, 25)^3 has 3^3 blocks; only
     block (2, 2, 2), id 26, reads the marked voxel.
     """
-    (folder / "marked.py").write_text(MARKED_FACTORY)
+    write_factory(folder, "marked")
     data = np.ones((26, 26, 26), dtype=np.float32)
     data[20, 20, 20] = 1000.0
     make_input(folder / "in.zarr" / "raw", data, (1, 1, 1))
@@ -171,3 +214,100 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
         if math.prod(a.shape)
         else 0.0
     )
+
+
+def cli_in_process(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``blockpredict ARGS`` run by ``cli.main`` in this process, as a subprocess would see it.
+
+    For commands that end before any cluster starts (bad input, ``plan``): they cost
+    milliseconds here instead of seconds of imports. ``cwd`` is the working folder and
+    is on ``sys.path`` (factory modules); ``env`` is added to ``os.environ``. stdout and
+    stderr are captured, with the CLI's own log handler writing to that stderr as it
+    would in a fresh process; an exception that escapes ``main`` prints its traceback
+    and exits 1, as the interpreter does. Modules imported from ``cwd`` are forgotten.
+    What only a real process shows (signals, import time, the entry point) stays in
+    subprocess tests.
+    """
+    from blockpredict.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []  # main's logging.basicConfig installs its handler, as in a new process
+    modules = set(sys.modules)
+    sys.path.insert(0, str(cwd))
+    importlib.invalidate_caches()  # factory modules written since the last import
+    try:
+        with (
+            contextlib.chdir(cwd),
+            _environ(env or {}),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
+            warnings.resetwarnings()  # Python's defaults, not pytest's filters
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, root.level = saved
+        sys.path.remove(str(cwd))
+        for name in set(sys.modules) - modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if origin.startswith(os.path.join(cwd, "")):
+                del sys.modules[name]
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def cli_process(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[str]:
+    """``python -m blockpredict.cli ARGS`` started in ``cwd``, stdout and stderr piped.
+
+    ``cwd`` (factory modules) and this checkout's ``src`` are on its PYTHONPATH, and
+    ``env`` is added to this process's environment. For what only a real process shows:
+    signals, killed workers or clients, the exit code of the real entry point.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), SRC]), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "blockpredict.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def worker_processes(pid: int) -> list[Any]:
+    """The Dask worker processes (``spawn_main``) below process ``pid``, as psutil sees them."""
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]

@@ -1,10 +1,12 @@
 """Bad input through the real CLI: one ``error:`` line, exit code 2, nothing written.
 
-Every case runs ``python -m blockpredict.cli`` as a subprocess on real zarr
-data in ``tmp_path`` with a tiny valid U-Net workflow, changes one thing to
-make it bad, and checks that the engine rejects it before any cluster starts:
-exactly one line on stderr (``error: ...`` with a specific phrase, no
-traceback), nothing on stdout, exit code 2, no output container and no report.
+Every case runs the CLI's ``main`` on real zarr data in ``tmp_path`` with a tiny
+valid U-Net workflow, changes one thing to make it bad, and checks that the
+engine rejects it before any cluster starts: exactly one line on stderr
+(``error: ...`` with a specific phrase, no traceback), nothing on stdout, exit
+code 2, no output container and no report. ``main`` runs in this process
+(``conftest.cli_in_process``: seconds of imports saved per case); the tests of
+the traceback and of the time a rejection takes run ``python -m blockpredict.cli``.
 
 The base workflow sets a matching checkpoint so that the only line on stderr
 is the error (a U-Net without a checkpoint logs an "untrained weights"
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import cli_in_process
 from funlib.geometry import Coordinate
 from funlib.persistence import prepare_ds
 
@@ -128,20 +131,29 @@ class Project:
             path.write_text(yaml.safe_dump(self.workflow, sort_keys=False))
         return path
 
-    def cli(self, *args: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(self.root), *filter(None, [env.get("PYTHONPATH")])]
-        )
-        command = [sys.executable, "-m", "blockpredict.cli", *(["--debug"] if debug else []), *args]
+    def cli(
+        self, *args: str, debug: bool = False, real: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """The CLI in this process (``cli_in_process``), or with ``real`` in a subprocess."""
+        args = (*(["--debug"] if debug else []), *args)
         start = time.perf_counter()
-        result = subprocess.run(
-            command, cwd=self.root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-        )
+        if real:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(self.root), *filter(None, [env.get("PYTHONPATH")])]
+            )
+            command = [sys.executable, "-m", "blockpredict.cli", *args]
+            result = subprocess.run(
+                command, cwd=self.root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+            )
+        else:
+            result = cli_in_process(list(args), self.root)
         result.elapsed = time.perf_counter() - start  # type: ignore[attr-defined]
         return result
 
-    def predict(self, *extra: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
+    def predict(
+        self, *extra: str, debug: bool = False, real: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         workflow = self.write_workflow()
         return self.cli(
             "predict",
@@ -151,10 +163,11 @@ class Project:
             "--no-progress",
             *extra,
             debug=debug,
+            real=real,
         )
 
-    def plan(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return self.cli("plan", str(self.write_workflow()), *extra)
+    def plan(self, *extra: str, real: bool = False) -> subprocess.CompletedProcess[str]:
+        return self.cli("plan", str(self.write_workflow()), *extra, real=real)
 
 
 def assert_rejected(
@@ -514,7 +527,7 @@ def test_existing_output_is_not_overwritten(project: Project) -> None:
 
 def test_debug_shows_a_traceback(project: Project) -> None:
     project.workflow["input"]["container"] = "missing.zarr"
-    result = project.predict(debug=True)
+    result = project.predict(debug=True, real=True)  # the interpreter prints the traceback
     assert result.returncode != 0, result.stderr
     assert "Traceback (most recent call last)" in result.stderr
     assert "InputError" in result.stderr
@@ -540,11 +553,11 @@ def test_plan_checks_output_location(project: Project) -> None:
 def test_bad_input_fails_fast(project: Project) -> None:
     """A rejected workflow never starts a cluster: it costs little more than the imports."""
     project.workflow["output"]["roi"] = {"offset": [0, 0, 0], "shape": [5, 5, 5]}
-    bad = project.predict()
+    bad = project.predict(real=True)
     assert bad.returncode == 2, bad.stderr
     assert "dashboard" not in bad.stderr
     # the same process on the valid workflow, planning only: imports and checks
     del project.workflow["output"]["roi"]
-    baseline = project.plan()
+    baseline = project.plan(real=True)
     assert baseline.returncode == 0, baseline.stderr
     assert bad.elapsed < baseline.elapsed + 5.0, (bad.elapsed, baseline.elapsed)  # type: ignore[attr-defined]

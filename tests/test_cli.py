@@ -12,9 +12,12 @@ import numpy as np
 import torch
 import zarr
 from conftest import (
+    SRC,
+    cli_in_process,
     make_input,
     marked_input,
     max_abs_diff,
+    on_workers,
     read_output,
     reference,
     volume_of,
@@ -45,7 +48,7 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-def basic_workflow(tmp_path: Path, **output) -> Path:
+def basic_workflow(tmp_path: Path, cluster: dict | None = None, **output) -> Path:
     make_input(tmp_path / "in.zarr" / "raw", volume_of((48, 48, 48)), (4, 4, 4))
     return write_workflow(
         tmp_path / "workflow.yaml",
@@ -53,7 +56,7 @@ def basic_workflow(tmp_path: Path, **output) -> Path:
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"unet": UNET, "head": {"out_channels": 2}},
             "output": {"container": "out.zarr", "dataset": "pred", **output},
-            "cluster": {"type": "local", "n_workers": 2},
+            "cluster": cluster or {"type": "local", "n_workers": 2},
         },
     )
 
@@ -85,7 +88,7 @@ def test_demo(tmp_path):
 
 def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):
     path = basic_workflow(tmp_path)
-    result = cli("plan", str(path), cwd=tmp_path)
+    result = cli_in_process(["plan", str(path)], tmp_path)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "input voxel size   (4, 4, 4)" in text
@@ -98,8 +101,8 @@ def test_plan_prints_the_geometry_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out.zarr").exists()
 
 
-def test_predict_with_set_and_report(tmp_path):
-    path = basic_workflow(tmp_path)
+def test_predict_with_set_and_report(tmp_path, cluster_address):
+    path = basic_workflow(tmp_path, {"type": "address", "address": cluster_address})
     report_path = tmp_path / "report.json"
     result = cli(
         "predict",
@@ -125,7 +128,7 @@ def test_predict_with_set_and_report(tmp_path):
     assert "dashboard: http://127.0.0.1:" in result.stderr
 
 
-def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
+def test_failing_blocks_are_retried_named_and_exit_1(tmp_path, cluster_address):
     marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
@@ -133,7 +136,7 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"factory": "marked:build"},
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "local", "n_workers": 1},
+            "cluster": on_workers(cluster_address, tmp_path),
             "execution": {"max_retries": 1},
         },
     )
@@ -143,7 +146,7 @@ def test_failing_blocks_are_retried_named_and_exit_1(tmp_path):
         "--report",
         "report.json",
         cwd=tmp_path,
-        env={"PYTHONPATH": str(tmp_path)},
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])},
     )
     assert result.returncode == 1, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())

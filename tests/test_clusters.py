@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from conftest import (
+    SRC,
+    cli_in_process,
+    make_input,
+    max_abs_diff,
+    read_output,
+    reference,
+    volume_of,
+    write_factory,
+    write_workflow,
+)
 from funlib.geometry import Coordinate, Roi
 
 from blockpredict.build import build_model
@@ -103,12 +113,7 @@ def test_unreachable_scheduler_is_exit_2_quickly(tmp_path):
         },
     )
     start = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "predict", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = cli_in_process(["predict", str(path)], tmp_path)
     assert result.returncode == 2, result.stderr
     assert "error: no Dask scheduler answers at tcp://127.0.0.1:9" in result.stderr
     assert time.time() - start < 60
@@ -303,9 +308,7 @@ def test_ready_to_edit_configs_render(kind):
 
 def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
     """A run longer than the job walltime finishes: retiring workers get new jobs."""
-    from test_faults import FACTORY
-
-    (tmp_path / "slow.py").write_text(FACTORY)
+    write_factory(tmp_path)
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     path = write_workflow(
@@ -321,14 +324,14 @@ def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):
                     "memory": "2GB",
                     "interface": "lo",
                     "walltime": "00:00:30",  # lifetime 22 s
-                    "job_script_prologue": [f"export PYTHONPATH={tmp_path}"],
+                    "job_script_prologue": [f"export PYTHONPATH={tmp_path}:{SRC}"],
                     "log_directory": str(tmp_path / "logs"),
                 },
             },
         },
     )
     result, seen = predict_watching_squeue(
-        path, tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}
+        path, tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}
     )
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 4, f"no replacement jobs: {sorted(seen)}"

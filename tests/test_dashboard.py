@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import make_input, write_workflow
+from conftest import make_input, on_workers, write_factory, write_workflow
 
 import blockpredict
 from blockpredict.events import read_events
@@ -29,32 +28,6 @@ DONE_RGB = tuple(int(STATE_COLORS[2][i : i + 2], 16) for i in (1, 3, 5))
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason="Debian's chromium is not installed here (.ci/run installs it with apt as root)",
-)
-
-SLOW = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        '''3x3x3 mean filter that sleeps per block; raises on a marked voxel (> 100).'''
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def forward(self, x):
-            if x.max() > 100:
-                raise ValueError("marked voxel in this block")
-            time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0):
-        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
 )
 
 # collects the text of a page, through Bokeh's shadow roots
@@ -73,7 +46,7 @@ PAGE_TEXT = """() => {
 
 def setup_run(tmp_path: Path, cluster: dict) -> Path:
     """64 blocks of 8^3 that take 0.8 s each; block 0 fails (a marked voxel)."""
-    (tmp_path / "slow_page.py").write_text(SLOW)  # a name of its own: shared workers cache modules
+    write_factory(tmp_path, "slow_page")  # a name of its own: shared workers cache modules
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     data[2, 2, 2] = 1000.0
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
@@ -153,8 +126,9 @@ def done_pixels(png: Path) -> int:
     return int((np.abs(pixels.astype(int) - DONE_RGB).sum(axis=-1) <= 6).sum())
 
 
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One chromium for the module; each test gets a page of its own (``browser``)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -162,8 +136,15 @@ def browser():
             executable_path=CHROMIUM,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
         )
-        yield chromium.new_page(viewport={"width": 1300, "height": 1100})
+        yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def browser(chromium):
+    page = chromium.new_page(viewport={"width": 1300, "height": 1100})
+    yield page
+    page.close()
 
 
 def check_our_page(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -229,11 +210,8 @@ def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
 
 
 def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser, cluster_address):
-    from distributed import Client
-
-    with Client(cluster_address) as client:  # the shared cluster's workers find slow_page.py too
-        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
-    run = Run(tmp_path, setup_run(tmp_path, {"type": "address", "address": cluster_address}))
+    cluster = on_workers(cluster_address, tmp_path)  # the shared workers find slow_page.py
+    run = Run(tmp_path, setup_run(tmp_path, cluster))
     try:
         ours = run.url("blockpredict page")
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/blockpredict", ours)

@@ -7,14 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, marked_input, read_output, write_workflow
+from conftest import (
+    make_input,
+    marked_input,
+    on_workers,
+    read_output,
+    write_factory,
+    write_workflow,
+)
 
 import blockpredict
 from blockpredict.config import load_workflow
@@ -41,9 +47,8 @@ def on_path(tmp_path):
         sys.modules.pop(name, None)
 
 
-def test_the_log_of_a_run_with_one_failing_block(on_path, monkeypatch):
+def test_the_log_of_a_run_with_one_failing_block(on_path, cluster_address):
     tmp_path = on_path
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), SRC]))  # for the workers
     marked_input(tmp_path)
     path = write_workflow(
         tmp_path / "workflow.yaml",
@@ -51,7 +56,7 @@ def test_the_log_of_a_run_with_one_failing_block(on_path, monkeypatch):
             "input": {"container": "in.zarr", "dataset": "raw"},
             "model": {"factory": "marked:build"},
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "local", "n_workers": 2, "dashboard_address": "127.0.0.1:0"},
+            "cluster": on_workers(cluster_address, tmp_path),
             "execution": {"max_retries": 1, "fail_fast": 0},
         },
     )
@@ -113,32 +118,8 @@ def test_a_flush_writes_only_the_changed_ledger_chunks(tmp_path):
     assert again.states[2 * CHUNK + 9] == FAILED and again.counts()["done"] == 5
 
 
-SLOW = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def forward(self, x):
-            time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0):
-        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
-
-
 def test_kill_9_of_the_client_redoes_no_block_the_log_recorded(tmp_path):
-    (tmp_path / "slow.py").write_text(SLOW)
+    write_factory(tmp_path)
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     path = write_workflow(

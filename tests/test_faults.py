@@ -7,68 +7,42 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import zarr
-from conftest import make_input, marked_input, read_output, write_workflow
+from conftest import (
+    cli_process as cli,
+)
+from conftest import (
+    make_input,
+    marked_input,
+    on_workers,
+    read_output,
+    worker_processes,
+    write_factory,
+    write_workflow,
+)
 
 from blockpredict.config import load_workflow
 from blockpredict.errors import BlockpredictError
 from blockpredict.workflow import predict_workflow
-
-FACTORY = textwrap.dedent(
-    """
-    import os, time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        '''3x3x3 mean filter; sleeps per block; raises when told to.'''
-        def __init__(self, delay, fail):
-            super().__init__()
-            self.delay, self.fail = delay, fail
-        def forward(self, x):
-            if self.fail and x.abs().sum() > 0:  # the shape probe (zeros) passes
-                raise RuntimeError("CUDA out of memory (simulated)")
-            time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0, fail=False):
-        arch = WrappedArchitecture(SlowMean(delay, fail), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
 
 
 @pytest.fixture
 def setup(tmp_path):
-    (tmp_path / "slow.py").write_text(FACTORY)
+    write_factory(tmp_path)
     sys.path.insert(0, str(tmp_path))
     data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     yield tmp_path, data
     sys.path.remove(str(tmp_path))
     sys.modules.pop("slow", None)
-
-
-def on_workers(address: str, tmp_path: Path) -> dict:
-    """The shared cluster's workers import the factory module from ``tmp_path`` too."""
-    from distributed import Client
-
-    with Client(address) as client:
-        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
-    return {"type": "address", "address": address}
 
 
 def workflow(tmp_path: Path, cluster: dict, delay: float = 0.0, fail: bool = False, **execution):
@@ -87,19 +61,6 @@ def workflow(tmp_path: Path, cluster: dict, delay: float = 0.0, fail: bool = Fal
 def expected(data: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(data)[None, None]
     return torch.nn.functional.avg_pool3d(x, 3, stride=1)[0, 0].numpy()
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def ledger_done(tmp_path: Path) -> int:
@@ -177,11 +138,7 @@ def test_a_killed_worker_loses_nothing(setup):
     path = workflow(tmp_path, {"type": "local", "n_workers": 2}, delay=0.15)
     proc = cli("predict", str(path), "--report", "report.json", "--no-progress", cwd=tmp_path)
     wait_for_ledger(tmp_path, 4)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "spawn_main" in " ".join(p.cmdline())
-    ]
+    workers = worker_processes(proc.pid)
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)

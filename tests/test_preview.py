@@ -3,60 +3,33 @@ drawn in the blocks' states, where the plan puts them."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from conftest import make_input, write_workflow
+from conftest import cli_in_process, make_input, on_workers, write_factory, write_workflow
 from PIL import Image
 
-import blockpredict
 from blockpredict.config import load_workflow
 from blockpredict.live import DONE_NOW, FAILED_NOW, STATE_COLORS
 from blockpredict.preview import GAP
 from blockpredict.workflow import predict_workflow
-
-SRC = str(Path(blockpredict.__file__).resolve().parents[1])
-
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class Mean(torch.nn.Module):
-        '''3x3x3 mean filter that raises on a block holding a voxel of 255.'''
-        def forward(self, x):
-            if x.max() >= 1.0:
-                raise ValueError("marked voxel")
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build():
-        arch = WrappedArchitecture(Mean(), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 
 
 def rgb(color: str) -> list[int]:
     return [int(color[i : i + 2], 16) for i in (1, 3, 5)]
 
 
-@pytest.fixture
-def predicted(tmp_path, cluster_address):
-    """26^3 uint8 input, 3x3x3 blocks of 8^3; block (1, 2, 2) (id 17) fails."""
-    from distributed import Client
-
-    (tmp_path / "meanf.py").write_text(FACTORY)
-    with Client(cluster_address) as client:
-        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, cluster_address):
+    """26^3 uint8 input, 3x3x3 blocks of 8^3; block (1, 2, 2) (id 17) fails. One run for
+    the module: the tests only read it."""
+    tmp_path = tmp_path_factory.mktemp("predicted")
+    write_factory(tmp_path, "meanf")
+    cluster = on_workers(cluster_address, tmp_path)
     sys.path.insert(0, str(tmp_path))
     data = np.random.default_rng(0).integers(0, 250, size=(26, 26, 26)).astype(np.uint8)
     data[12, 20, 20] = 255  # read only by block (1, 2, 2)
@@ -65,9 +38,9 @@ def predicted(tmp_path, cluster_address):
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "meanf:build"},
+            "model": {"factory": "meanf:build", "kwargs": {"mark": 0.99}},  # 255 of uint8
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "address", "address": cluster_address},
+            "cluster": cluster,
             "execution": {"max_retries": 0, "fail_fast": 0},
         },
     )
@@ -79,15 +52,7 @@ def predicted(tmp_path, cluster_address):
 
 
 def preview(path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "preview", str(path), *args],
-        cwd=path.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return cli_in_process(["preview", str(path), *args], path.parent)
 
 
 def test_preview_pixels_are_the_arrays_and_the_grid_is_in_block_states(predicted):

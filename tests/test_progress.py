@@ -10,54 +10,30 @@ import struct
 import subprocess
 import sys
 import termios
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_input, write_workflow
+from conftest import make_input, on_workers, write_factory, write_workflow
 
 import blockpredict
 
 SRC = str(Path(blockpredict.__file__).resolve().parents[1])
 
-SLOW = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        def forward(self, x):
-            time.sleep(0.1)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build():
-        arch = WrappedArchitecture(SlowMean(), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
-
 
 @pytest.fixture
 def run_setup(tmp_path, cluster_address):
-    from distributed import Client
-
-    (tmp_path / "slowp.py").write_text(SLOW)
-    with Client(cluster_address) as client:
-        client.run(exec, f"import sys; sys.path.insert(0, {str(tmp_path)!r})")
+    write_factory(tmp_path, "slowp")
+    cluster = on_workers(cluster_address, tmp_path)
     data = np.random.default_rng(0).random((34, 34, 34), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     path = write_workflow(
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "slowp:build"},
+            "model": {"factory": "slowp:build", "kwargs": {"delay": 0.1}},
             "output": {"container": "out.zarr", "dataset": "pred"},
-            "cluster": {"type": "address", "address": cluster_address},
+            "cluster": cluster,
         },
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SRC])}

@@ -13,8 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,52 +20,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_workflow
+from conftest import cli_in_process, make_input, read_output, write_factory, write_workflow
+from conftest import cli_process as cli
 
 from blockpredict.build import build_model
 from blockpredict.cluster import connect
 from blockpredict.config import ClusterConfig, ModelConfig
 
-FACTORY = textwrap.dedent(
-    """
-    import os, time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        '''3x3x3 mean filter that sleeps per block, and waits for a gate file if given.'''
-        def __init__(self, delay, gate):
-            super().__init__()
-            self.delay, self.gate = delay, gate
-        def forward(self, x):
-            if x.abs().sum() > 0:  # not in the zero shape probe
-                while self.gate and not os.path.exists(self.gate):
-                    time.sleep(0.05)
-                time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0, gate=None):
-        arch = WrappedArchitecture(SlowMean(delay, gate), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 GRACE = 120.0  # an interrupted run that waited this long would have waited for lost blocks
-
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *sys.path])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -117,7 +77,7 @@ def expected(data: np.ndarray) -> np.ndarray:
 @pytest.fixture
 def slow(tmp_path: Path):
     """A 26^3 input (27 blocks of 8^3) and a workflow of the slow mean filter."""
-    (tmp_path / "slow.py").write_text(FACTORY)
+    write_factory(tmp_path)
     data = np.random.default_rng(0).random((26, 26, 26), dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
 
@@ -152,7 +112,7 @@ def test_output_that_is_or_holds_the_input_is_refused(slow, container, dataset, 
     path = workflow(0.0, container=container, dataset=dataset, overwrite=True)
     before = tree(tmp_path / "in.zarr")
     for command in ("plan", "predict"):
-        line = error_line(run_cli(command, str(path), cwd=tmp_path))
+        line = error_line(cli_in_process([command, str(path)], tmp_path))
         assert phrase in line
     assert tree(tmp_path / "in.zarr") == before
 
@@ -170,9 +130,9 @@ def test_a_second_run_is_refused_even_with_overwrite_and_the_first_finishes(slow
     while not lock.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert json.loads(lock.read_text())["pid"] == first.pid
-    status = run_cli("status", str(path), cwd=tmp_path)
+    status = cli_in_process(["status", str(path)], tmp_path)
     assert f"running: pid {first.pid} on {socket.gethostname()}" in status.stdout
-    second = run_cli("predict", str(path), "--no-progress", cwd=tmp_path)
+    second = cli_in_process(["predict", str(path), "--no-progress"], tmp_path)
     line = error_line(second)
     assert "another run writes this output" in line and f"pid {first.pid}" in line
     assert first.poll() is None
@@ -209,13 +169,13 @@ def test_a_lock_from_another_host_is_refused_until_unlocked(slow):
     lock = tmp_path / "out.zarr" / "pred.lock"
     lock.parent.mkdir()
     lock.write_text(json.dumps({"host": "far-away", "pid": 1, "started": "x"}))
-    line = error_line(run_cli("predict", str(path), "--no-progress", cwd=tmp_path))
+    line = error_line(cli_in_process(["predict", str(path), "--no-progress"], tmp_path))
     assert "pid 1 on far-away" in line and "blockpredict unlock" in line
     assert sorted(p.name for p in lock.parent.iterdir()) == ["pred.lock"]  # nothing written
-    status = run_cli("status", str(path), cwd=tmp_path)
+    status = cli_in_process(["status", str(path)], tmp_path)
     assert "running: pid 1 on far-away" in status.stdout
     assert "done: 0/27" in status.stdout and status.returncode == 0
-    unlocked = run_cli("unlock", str(path), cwd=tmp_path)
+    unlocked = cli_in_process(["unlock", str(path)], tmp_path)
     assert unlocked.returncode == 0 and "unlocked" in unlocked.stdout
     assert not lock.exists()
 
@@ -258,7 +218,7 @@ def test_resume_with_another_model_is_refused_and_a_moved_checkpoint_resumes(tmp
         ("input.normalize={scale: 0.5}", "normalization"),
         ("output.dtype=float16", "dtype"),
     ]:
-        line = error_line(run_cli("predict", str(path), "--set", override, cwd=tmp_path))
+        line = error_line(cli_in_process(["predict", str(path), "--set", override], tmp_path))
         assert "the model or geometry changed" in line and phrase in line, line
     assert tree(tmp_path / "out.zarr") == before
     (tmp_path / "moved").mkdir()

@@ -6,14 +6,19 @@ Speed itself is measured by ``blockpredict bench``, never here.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, max_abs_diff, read_output, volume_of, write_workflow
+from conftest import (
+    cli_in_process,
+    make_input,
+    max_abs_diff,
+    read_output,
+    volume_of,
+    write_workflow,
+)
 from distributed import Client
 
 from blockpredict.build import build_model
@@ -242,12 +247,7 @@ def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases)
             "cluster": {"device": "cpu"},
         },
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "blockpredict.cli", "predict", str(path), "--set", override],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = cli_in_process(["predict", str(path), "--set", override], tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -12,18 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import zarr
-from conftest import make_input, read_output, write_workflow
+from conftest import cli_process as cli
+from conftest import make_input, read_output, worker_processes, write_factory, write_workflow
 from s3server import moto_server, set_auth
 
 import blockpredict
@@ -33,28 +32,6 @@ from blockpredict.loopback import LoopbackProxy
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
-FACTORY = textwrap.dedent(
-    """
-    import time
-    import torch
-    from funlib.geometry import Coordinate
-    from blockpredict.architectures import WrappedArchitecture
-    from blockpredict.model import Model
-
-    class SlowMean(torch.nn.Module):
-        def __init__(self, delay):
-            super().__init__()
-            self.delay = delay
-        def forward(self, x):
-            time.sleep(self.delay)
-            return torch.nn.functional.avg_pool3d(x, 3, stride=1)
-
-    def build(delay=0.0):
-        arch = WrappedArchitecture(SlowMean(delay), input_shape=Coordinate(10, 10, 10),
-                                   num_in_channels=1, num_out_channels=1)
-        return Model(arch, torch.nn.Identity())
-    """
-)
 AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -97,7 +74,7 @@ def bucket(endpoint: str) -> str:
 @pytest.fixture
 def setup(tmp_path: Path, bucket: str) -> tuple[Path, str, np.ndarray]:
     """The factory module, a float32 input on disk and the same input in the bucket."""
-    (tmp_path / "mean.py").write_text(FACTORY)
+    write_factory(tmp_path, "mean")
     data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
     s3fs_().put(str(tmp_path / "in.zarr"), f"{bucket}/in.zarr", recursive=True)
@@ -122,19 +99,6 @@ def workflow(
         "execution": {"max_retries": 1, **(execution or {})},
     }
     return write_workflow(folder / name, raw)
-
-
-def cli(*args: str, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), SRC]), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "blockpredict.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def predict(path: Path, report: str = "report.json", **env: str) -> dict:
@@ -210,11 +174,7 @@ def test_a_killed_worker_loses_nothing_with_the_output_in_s3(setup):
     deadline = time.time() + 120
     while ledger_done(f"s3://{bucket}/out.zarr/pred-ledger") < 4 and time.time() < deadline:
         time.sleep(0.2)
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "spawn_main" in " ".join(p.cmdline())
-    ]
+    workers = worker_processes(proc.pid)
     assert len(workers) == 2
     workers[0].send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
