@@ -299,6 +299,7 @@ def bench_simulated_cluster(
                 protocol="tcp://",
                 host="127.0.0.1",
                 dashboard_address=":0",
+                memory_limit=0,  # one process: each worker would see all of it as its own
             ) as cluster,
             Client(cluster) as client,
         ):
