@@ -357,7 +357,8 @@ def execute(
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
     from .dashboard import install, page_url
-    from .runner import run, signals_restored
+    from .runner import run, signals_restored, start_loading
+    from .worker import ModelPlugin
 
     out = prepared.output
     plan = prepared.plan
@@ -383,6 +384,7 @@ def execute(
         connect(cluster) as client,
         page_url(client, own_scheduler=cluster.type != "address") as page,
     ):
+        loading = start_loading(client, ModelPlugin(job))  # workers load while we go on
         logger.info("dashboard: %s", client.dashboard_link)
         if page:
             logger.info("blockpredict page: %s", page)
@@ -404,6 +406,7 @@ def execute(
             execution,
             progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
+            loading=loading,
         )
 
 
