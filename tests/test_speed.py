@@ -158,13 +158,19 @@ def test_the_cuda_staging_path_on_the_cpu():
     assert np.array_equal(first, plain([blocks[0]])[0])
 
 
-def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
     written: dict[int, float] = {}
+    grouped_reads: list[list[int]] = []
 
     def read(block_id: int) -> np.ndarray:
         if block_id == 3:
             raise OSError("unreadable chunk")
         return np.full((1, 2), float(block_id), np.float32)
+
+    def read_many(ids: list[int]) -> list[np.ndarray]:  # one storage call for a group
+        grouped_reads.append(ids)
+        return [read(i) for i in ids]  # a group holding block 3 falls back to one read each
 
     def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
         if any(b[0, 0] == 5 for b in batch):
@@ -184,7 +190,14 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
         starts.append(block_id)
 
     pipeline = Pipeline(
-        read, forward, write, batch_size=4, started=started, finished=running.discard
+        read,
+        forward,
+        write,
+        batch_size=4,
+        started=started,
+        finished=running.discard,
+        group=group,
+        read_many=read_many,
     )
     try:
         results = pipeline.run(list(range(10)))
@@ -201,6 +214,10 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
     assert not running  # every block was let go, failed or not
     # block_timeout's clock restarts at the forward: a block read ahead is not charged for waiting
     assert starts.count(0) == 2 and starts.count(3) == 1  # 3 never reached its forward
+    # groups of 3 batches of 4: one read call for 0..9 (fails: 3), then one for 11, 12
+    assert grouped_reads == (
+        [[*range(10)], [11, 12]] if group > 1 else [[*range(4)], [*range(4, 8)], [8, 9], [11, 12]]
+    )
 
 
 def test_task_sizes_auto_and_forced():

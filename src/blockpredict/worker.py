@@ -9,6 +9,7 @@ output itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from distributed import WorkerPlugin, get_worker
 from .build import build_model, place
 from .config import ModelConfig
 from .job import BlockResult, Job, describe  # noqa: F401 (Job, describe: old import path)
-from .pipeline import Forward, Pipeline
+from .pipeline import Forward, Pipeline, group_size
 from .precision import unsupported
 from .storage import BlockReader, BlockWriter
 
@@ -83,6 +84,10 @@ class ModelPlugin(WorkerPlugin):
             self.worker_name,
             started=_started,
             finished=_finished,
+            group=group_size(
+                4 * job.input.num_channels * math.prod(job.plan.read_shape), job.batch_size
+            ),
+            read_many=self.read_many,
         )
         logger.info("worker %s: model on %s (pid %d)", worker.name, self.device, os.getpid())
 
@@ -96,6 +101,26 @@ class ModelPlugin(WorkerPlugin):
     def read(self, block_id: int) -> np.ndarray:
         """The normalized input of one block: ``(C, *read_shape)`` float32."""
         return self.reader.read(self.job.plan.block(block_id).read_roi)
+
+    def read_many(self, block_ids: list[int]) -> list[np.ndarray]:
+        """The inputs of adjacent blocks, read with one storage call where their read ROIs
+        fill at least half of their bounding box (else one read each)."""
+        plan, size = self.job.plan, self.job.input.voxel_size
+        rois = [plan.block(i).read_roi for i in block_ids]
+        box = rois[0]
+        for roi in rois[1:]:
+            box = box.union(roi)
+        if math.prod(box.shape / size) > 2 * sum(math.prod(r.shape / size) for r in rois):
+            return [self.reader.read(roi) for roi in rois]
+        data = self.reader.read(box)
+        views = []
+        for roi in rois:
+            begin = (roi.offset - box.offset) / size
+            end = begin + roi.shape / size
+            views.append(
+                data[(slice(None), *(slice(b, e) for b, e in zip(begin, end, strict=True)))]
+            )
+        return views
 
     def write(self, block_id: int, prediction: np.ndarray) -> None:
         """Crop a ``(C_out, *write_shape)`` prediction to the block's write ROI and write it."""
