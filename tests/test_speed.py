@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_input, max_abs_diff, read_output, volume_of, write_workflow
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from blockpredict.build import build_model
 from blockpredict.cluster import connect
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
 from blockpredict.pipeline import Forward, Pipeline
@@ -270,3 +271,32 @@ def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert all(p in lines[0] for p in phrases), lines[0]
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_batch_jobs_with_several_gpus_give_each_worker_process_its_own():
+    section = {"type": "slurm", "jobqueue": {"memory": "8GB"}, "gpus_per_job": 2}
+    command = job_script(ClusterConfig.model_validate(section)).splitlines()[-1].split()
+    assert "--nworkers" in command and command[command.index("--nworkers") + 1] == "2"
+    assert command[command.index("--preload") + 1] == "blockpredict.gpu_preload"
+    assert own_gpu("3,5", "SLURMCluster-4-1") == "5" and own_gpu("3", "x-1") is None
+    # that worker command, run here as the job would run it on a node with GPUs 3 and 5
+    with (
+        LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address]
+        options = ["--name", "job-7", "--nthreads", "1", "--nworkers", "2", "--no-dashboard"]
+        process = subprocess.Popen(
+            [*worker, *options, "--preload", "blockpredict.gpu_preload"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client.wait_for_workers(2, timeout=120)
+            seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
+        finally:
+            process.terminate()
+            process.wait(60)
+    assert sorted(seen.values()) == ["3", "5"]  # one GPU each, not both

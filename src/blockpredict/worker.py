@@ -36,7 +36,9 @@ _RUNNING: dict[int, float] = {}
 
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
-    """``cuda:i`` spread over visible GPUs by worker index, else the CPU."""
+    """The CPU, or a GPU: a worker that sees one GPU (``CUDA_VISIBLE_DEVICES``, set per worker
+    process on local and batch clusters) uses it; one that sees several (a user's own
+    workers) picks ``cuda:i`` by its name's trailing number."""
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
