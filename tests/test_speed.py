@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,23 @@ def test_the_cuda_staging_path_on_the_cpu():
     assert np.array_equal(first, kept)  # the previous output is intact
     assert np.array_equal(second, plain([blocks[1]])[0])
     assert np.array_equal(first, plain([blocks[0]])[0])
+
+
+def test_compile_runs_compiled_or_falls_back_with_one_warning():
+    """``execution.compile: true``: torch.compile's output (inductor needs a C++ compiler on
+    the CPU; ~10-40 s here) equals the eager forward, or the forward falls back to eager with
+    exactly one warning and still returns the eager values."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.ReLU()).eval()
+    blocks = [np.random.default_rng(i).random((1, 8, 8, 8), dtype=np.float32) for i in range(2)]
+    eager = Forward(model, torch.device("cpu"), (6, 6, 6), 3)([blocks[0]])[0]
+    compiled = Forward(model, torch.device("cpu"), (6, 6, 6), 3, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [compiled([blocks[0]])[0] for _ in range(3)]  # later calls: no new warning
+    about_compile = [w for w in caught if "execution.compile" in str(w.message)]
+    assert len(about_compile) == (0 if compiled.compiled is not None else 1)
+    for y in outputs:
+        assert np.allclose(y, eager, atol=1e-5)
 
 
 @pytest.mark.parametrize("group", [1, 3])
