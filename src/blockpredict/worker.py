@@ -105,15 +105,22 @@ class ModelPlugin(WorkerPlugin):
         return self.reader.read(self.job.plan.block(block_id).read_roi)
 
     def read_many(self, block_ids: list[int]) -> list[np.ndarray]:
-        """The inputs of adjacent blocks, read with one storage call where their read ROIs
-        fill at least half of their bounding box (else one read each)."""
+        """The inputs of adjacent blocks: one storage call per run of blocks that fills at
+        least half of its bounding box in the block grid (a task's Morton-ordered blocks
+        mostly do; where the order jumps, a new run starts)."""
+        out: list[np.ndarray] = []
+        for run in _compact_runs(block_ids, tuple(self.job.plan.grid_shape)):
+            out += self._read_box(run)
+        return out
+
+    def _read_box(self, block_ids: list[int]) -> list[np.ndarray]:
         plan, size = self.job.plan, self.job.input.voxel_size
         rois = [plan.block(i).read_roi for i in block_ids]
+        if len(rois) == 1:
+            return [self.reader.read(rois[0])]
         box = rois[0]
         for roi in rois[1:]:
             box = box.union(roi)
-        if math.prod(box.shape / size) > 2 * sum(math.prod(r.shape / size) for r in rois):
-            return [self.reader.read(roi) for roi in rois]
         data = self.reader.read(box)
         views = []
         for roi in rois:
@@ -129,6 +136,23 @@ class ModelPlugin(WorkerPlugin):
         block = self.job.plan.block(block_id)
         crop = tuple(slice(0, s) for s in block.write_roi.shape / self.job.plan.output_voxel_size)
         self.writer.write(block.write_roi, prediction[(slice(None), *crop)])
+
+
+def _compact_runs(block_ids: list[int], grid: tuple[int, ...]) -> list[list[int]]:
+    """Consecutive runs of ``block_ids`` whose grid bounding box holds at most twice as many
+    blocks as the run (so a run's one read costs at most about twice its blocks' voxels)."""
+    index = np.stack(np.unravel_index(np.asarray(block_ids, np.int64), grid), axis=1)
+    runs: list[list[int]] = []
+    lo = hi = index[0]
+    for k, block_id in enumerate(block_ids):
+        new_lo, new_hi = np.minimum(lo, index[k]), np.maximum(hi, index[k])
+        if runs and math.prod((new_hi - new_lo + 1).tolist()) <= 2 * (len(runs[-1]) + 1):
+            runs[-1].append(block_id)
+            lo, hi = new_lo, new_hi
+        else:
+            runs.append([block_id])
+            lo = hi = index[k]
+    return runs
 
 
 def _started(block_id: int) -> None:
