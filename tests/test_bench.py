@@ -27,6 +27,6 @@ def test_bench_quick_prints_figures(tmp_path):
     assert len(figures["compare"]["limit_layouts"]) == 4  # 2 layouts x 2 allocator settings
     assert [r["blocks"] for r in figures["startup"]] == [1331]
     assert {r["blocks_per_task"] for r in figures["dispatch"]} == {"auto", 8}
-    assert all(r["blocks_per_s"] > 0 for r in figures["dispatch"])
+    assert all(r["blocks_per_s"] > 0 and r["steady_blocks_per_s"] > 0 for r in figures["dispatch"])
     assert 0 < figures["device"]["busy"] <= 1.0
     assert [r["workers"] for r in figures["simulated_cluster"]] == [1, 2]

@@ -6,6 +6,9 @@ Speed itself is measured by ``blockpredict bench``, never here.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +22,13 @@ from conftest import (
     volume_of,
     write_workflow,
 )
-from distributed import Client
+from distributed import Client, LocalCluster
 
 from blockpredict.build import build_model
 from blockpredict.cluster import connect
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
 from blockpredict.pipeline import Forward, Pipeline
@@ -163,13 +167,36 @@ def test_the_cuda_staging_path_on_the_cpu():
     assert np.array_equal(first, plain([blocks[0]])[0])
 
 
-def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
+def test_compile_runs_compiled_or_falls_back_with_one_warning():
+    """``execution.compile: true``: torch.compile's output (inductor needs a C++ compiler on
+    the CPU; ~10-40 s here) equals the eager forward, or the forward falls back to eager with
+    exactly one warning and still returns the eager values."""
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.ReLU()).eval()
+    blocks = [np.random.default_rng(i).random((1, 8, 8, 8), dtype=np.float32) for i in range(2)]
+    eager = Forward(model, torch.device("cpu"), (6, 6, 6), 3)([blocks[0]])[0]
+    compiled = Forward(model, torch.device("cpu"), (6, 6, 6), 3, compile=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [compiled([blocks[0]])[0] for _ in range(3)]  # later calls: no new warning
+    about_compile = [w for w in caught if "execution.compile" in str(w.message)]
+    assert len(about_compile) == (0 if compiled.compiled is not None else 1)
+    for y in outputs:
+        assert np.allclose(y, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
     written: dict[int, float] = {}
+    grouped_reads: list[list[int]] = []
 
     def read(block_id: int) -> np.ndarray:
         if block_id == 3:
             raise OSError("unreadable chunk")
         return np.full((1, 2), float(block_id), np.float32)
+
+    def read_many(ids: list[int]) -> list[np.ndarray]:  # one storage call for a group
+        grouped_reads.append(ids)
+        return [read(i) for i in ids]  # a group holding block 3 falls back to one read each
 
     def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
         if any(b[0, 0] == 5 for b in batch):
@@ -189,7 +216,14 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
         starts.append(block_id)
 
     pipeline = Pipeline(
-        read, forward, write, batch_size=4, started=started, finished=running.discard
+        read,
+        forward,
+        write,
+        batch_size=4,
+        started=started,
+        finished=running.discard,
+        group=group,
+        read_many=read_many,
     )
     try:
         results = pipeline.run(list(range(10)))
@@ -206,6 +240,10 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch():
     assert not running  # every block was let go, failed or not
     # block_timeout's clock restarts at the forward: a block read ahead is not charged for waiting
     assert starts.count(0) == 2 and starts.count(3) == 1  # 3 never reached its forward
+    # groups of 3 batches of 4: one read call for 0..9 (fails: 3), then one for 11, 12
+    assert grouped_reads == (
+        [[*range(10)], [11, 12]] if group > 1 else [[*range(4)], [*range(4, 8)], [8, 9], [11, 12]]
+    )
 
 
 def test_task_sizes_auto_and_forced():
@@ -253,3 +291,32 @@ def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert all(p in lines[0] for p in phrases), lines[0]
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_batch_jobs_with_several_gpus_give_each_worker_process_its_own():
+    section = {"type": "slurm", "jobqueue": {"memory": "8GB"}, "gpus_per_job": 2}
+    command = job_script(ClusterConfig.model_validate(section)).splitlines()[-1].split()
+    assert "--nworkers" in command and command[command.index("--nworkers") + 1] == "2"
+    assert command[command.index("--preload") + 1] == "blockpredict.gpu_preload"
+    assert own_gpu("3,5", "SLURMCluster-4-1") == "5" and own_gpu("3", "x-1") is None
+    # that worker command, run here as the job would run it on a node with GPUs 3 and 5
+    with (
+        LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address]
+        options = ["--name", "job-7", "--nthreads", "1", "--nworkers", "2", "--no-dashboard"]
+        process = subprocess.Popen(
+            [*worker, *options, "--preload", "blockpredict.gpu_preload"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client.wait_for_workers(2, timeout=120)
+            seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
+        finally:
+            process.terminate()
+            process.wait(60)
+    assert sorted(seen.values()) == ["3", "5"]  # one GPU each, not both

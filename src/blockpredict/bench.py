@@ -21,6 +21,7 @@ import yaml
 from funlib.geometry import Coordinate
 
 from .architectures import WrappedArchitecture
+from .bench_report import format_results  # noqa: F401 (the CLI's import path)
 from .model import Model
 
 # the U-Net of DESIGN.md: 12 feature maps, x3 per level, one 2x level; 108^3 -> 92^3
@@ -145,15 +146,18 @@ def bench_dispatch(
                 cluster={"type": "address", "address": cluster.scheduler_address},
                 execution={"blocks_per_task": n},
             )
-            rates = []
+            rates, steady = [], []
             for _ in range(repeats):
                 report = predict_workflow(load_workflow(path), progress=False)
                 rates.append(report.blocks_processed / report.wall_seconds)
+                loop = report.wall_seconds - report.setup_seconds  # once every worker is ready
+                steady.append(report.blocks_processed / max(loop, 1e-9))
             rows.append(
                 {
                     "blocks_per_task": n,
                     "blocks": report.blocks_total,
                     "blocks_per_s": statistics.median(rates),
+                    "steady_blocks_per_s": statistics.median(steady),
                 }
             )
     return rows
@@ -299,20 +303,30 @@ def bench_simulated_cluster(
                 protocol="tcp://",
                 host="127.0.0.1",
                 dashboard_address=":0",
+                memory_limit=0,  # one process: each worker would see all of it as its own
             ) as cluster,
             Client(cluster) as client,
         ):
             for i in range(repeats):
                 ledger = Ledger.create(str(sub / f"ledger-{n}-{i}"), {"bench": i}, plan.num_blocks)
                 report = run(
-                    client, job, ledger, ExecutionConfig(), progress=False,
+                    client,
+                    job,
+                    ledger,
+                    ExecutionConfig(),
+                    progress=False,
                     plugin=SimulatedDevice(job, device_ms),
                 )
                 rates.append(report.blocks_processed / report.wall_seconds)
         rate = statistics.median(rates)
         rows.append(
-            {"workers": n, "blocks": plan.num_blocks, "blocks_per_s": rate, "ideal": ideal,
-             "of_ideal": rate / ideal}
+            {
+                "workers": n,
+                "blocks": plan.num_blocks,
+                "blocks_per_s": rate,
+                "ideal": ideal,
+                "of_ideal": rate / ideal,
+            }
         )
     return rows
 
@@ -349,54 +363,3 @@ def run_bench(
             )
         results["bench_seconds"] = time.perf_counter() - t0
         return results
-
-
-def format_results(results: dict[str, Any]) -> str:
-    c = results["compare"]
-    lines = [
-        f"side by side: {c['model']} on {c['input']} ({c['blocks']} blocks), {c['cores']} cores, "
-        f"medians of {results['repeats']}:",
-        f"  {'mode':<12} {'wall s':>8} {'M voxels/s':>11} {'of limit (wall)':>16} "
-        f"{'of limit (steady)':>18}",
-    ]
-    for name, m in c["modes"].items():
-        lines.append(
-            f"  {name:<12} {m['wall_s']:>8.1f} {m['voxels_per_s'] / 1e6:>11.2f} "
-            f"{m['of_limit_wall']:>16.2f} {m['of_limit_steady']:>18.2f}"
-        )
-    for r in c["limit_layouts"]:
-        lines.append(
-            f"  limit: {r['layout']:<18} {r['allocator']:<11} "
-            f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s"
-        )
-    for phase, p in c["engine_phases"].items():
-        lines.append(
-            f"  engine {phase:<8} total {p['total']:.1f} s  p50 {p['p50'] * 1000:.0f} ms  "
-            f"p90 {p['p90'] * 1000:.0f} ms"
-        )
-    lines.append("start-up (plan, and predict up to its first block id; medians):")
-    for r in results["startup"]:
-        lines.append(
-            f"  {r['input']:>16}  {r['blocks']:>9} blocks  plan {r['plan_s']:.2f} s  "
-            f"start {r['start_s']:.2f} s  peak {r['peak_mb']:.0f} MB"
-        )
-    lines.append("dispatch, trivial model, 2 worker processes (medians):")
-    for r in results["dispatch"]:
-        lines.append(
-            f"  blocks_per_task {r['blocks_per_task']!s:>4}  {r['blocks']} blocks  "
-            f"{r['blocks_per_s']:.0f} blocks/s"
-        )
-    if "device" in results:
-        d = results["device"]
-        lines.append(
-            f"simulated device {d['device_ms']:g} ms, {d['workers']} workers, {d['blocks']} "
-            f"blocks of {d['block']}: busy {d['busy']:.2f} of the time, "
-            f"{d['busy_steady']:.2f} once the model is loaded (wall {d['wall_s']:.1f} s)"
-        )
-    for r in results.get("simulated_cluster", []):
-        lines.append(
-            f"simulated cluster: {r['workers']:>4} in-process workers  {r['blocks']} blocks  "
-            f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f})"
-        )
-    lines.append(f"bench took {results['bench_seconds']:.0f} s")
-    return "\n".join(lines)

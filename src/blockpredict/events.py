@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .ledger import DONE, FAILED, Ledger
 from .observe import RunObserver
 from .stores import is_url
@@ -141,6 +143,25 @@ class EventLog(RunObserver):
             compute=round(result.compute, 4),
             write=round(result.write, 4),
         )
+
+    def blocks_finished(self, results: Any) -> None:
+        """One task's blocks: grid indices computed at once, lines formatted without json."""
+        if not results:
+            return
+        grid = tuple(self.plan.grid_shape)
+        indices = np.stack(np.unravel_index([r.block_id for r in results], grid), axis=1)
+        now = round(time.time(), 3)
+        if not self.buffer:
+            self.first_buffered = time.monotonic()
+        for r, index in zip(results, indices.tolist(), strict=True):
+            self.buffer.append(
+                f'{{"time":{now},"event":"block_finished","block":{r.block_id},'
+                f'"index":[{",".join(map(str, index))}],"worker":{json.dumps(r.worker)},'
+                f'"read":{round(r.read, 4)},"compute":{round(r.compute, 4)},'
+                f'"write":{round(r.write, 4)}}}\n'
+            )
+        if time.monotonic() - self.first_buffered >= FLUSH_SECONDS:
+            self.flush()
 
     def block_failed(self, result: Any, final: bool) -> None:
         self._add(

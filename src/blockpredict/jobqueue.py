@@ -44,6 +44,7 @@ STATUS_COMMANDS = {
     "sge": ["qstat", "-j"],
 }
 DEFAULT_DIR = Path("~/.blockpredict")
+GPU_PRELOAD = "blockpredict.gpu_preload"
 
 
 class WorkersMissingError(BlockpredictError, TimeoutError):
@@ -92,6 +93,12 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
         if not any("gpu" in d for d in extra):
             extra.append(directive)
         options["job_extra_directives"] = extra
+        # each worker process keeps only its own GPU (CUDA_VISIBLE_DEVICES), as local workers do
+        options["worker_extra_args"] = [
+            *options.get("worker_extra_args", []),
+            "--preload",
+            GPU_PRELOAD,
+        ]
     options.setdefault("processes", 1)
     # allocator and thread variables before the worker starts; the user's prologue comes after
     env = worker_environment(config.threads_per_worker, config.worker_env)

@@ -120,6 +120,14 @@ class LiveState(RunObserver):
             for phase in self.phase_totals:
                 self.phase_totals[phase] += getattr(result, phase)
 
+    def blocks_finished(self, results: Any) -> None:
+        with self.lock:
+            self.in_flight.difference_update(r.block_id for r in results)
+            self.processed += len(results)
+            self.workers.update(r.worker for r in results)
+            for phase in self.phase_totals:
+                self.phase_totals[phase] += sum(getattr(r, phase) for r in results)
+
     def block_failed(self, result: Any, final: bool) -> None:
         with self.lock:
             self._left_flight(result.block_id, FAILED_NOW if final else PENDING)

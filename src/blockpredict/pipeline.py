@@ -1,10 +1,13 @@
 """The per-worker stages that overlap: read ahead, one forward at a time, write behind.
 
-While batch i runs its forward (in the Dask task's thread), batch i+1 is read
-and normalized on a reader thread and batch i-1 is converted and written on a
-writer thread. Each stage holds at most one batch, so a worker holds at most
-**three batches** (``3 * batch_size`` blocks: one being read, one in the
-forward, one being written), whatever the volume. Only the task's thread runs
+While group i runs its forwards (in the Dask task's thread), group i+1 is read
+and normalized on a reader thread and group i-1 is converted and written on a
+writer thread. A group is ``group`` whole batches: one batch for large blocks,
+more for small ones, up to about ``GROUP_BYTES`` of input, so tiny blocks are
+read with one storage call per group (``read_many``) instead of one per block.
+Each stage holds at most one group, so a worker holds at most **three groups**
+(``3 * batch_size`` blocks for large blocks; for small ones about
+``3 * GROUP_BYTES`` of input and its outputs), whatever the volume. Only the task's thread runs
 forwards, and a worker runs one task at a time per thread, so there is one
 forward at a time per device.
 
@@ -40,10 +43,21 @@ from .precision import autocast
 
 logger = logging.getLogger(__name__)
 
-BATCHES_IN_MEMORY = 3  # one being read, one in the forward, one being written
+BATCHES_IN_MEMORY = 3  # groups: one being read, one in the forward, one being written
+GROUP_BYTES = 4 << 20  # input bytes a group of small blocks reads at once
+MAX_GROUP = 64  # blocks per group at most (a task's blocks are Morton-adjacent)
+
+
+def group_size(block_bytes: int, batch_size: int) -> int:
+    """Batches per group: as many as fit in ``GROUP_BYTES`` (at least one, at most ``MAX_GROUP``
+    blocks)."""
+    blocks = min(MAX_GROUP, GROUP_BYTES // max(1, block_bytes))
+    return max(1, blocks // max(1, batch_size))
+
 
 ReadBlock = Callable[[int], np.ndarray]
 WriteBlock = Callable[[int, np.ndarray], None]
+ReadMany = Callable[[list[int]], list[np.ndarray]]
 
 
 @dataclass
@@ -177,8 +191,12 @@ class Pipeline:
         worker: str = "",
         started: Callable[[int], None] = lambda block_id: None,
         finished: Callable[[int], None] = lambda block_id: None,
+        group: int = 1,
+        read_many: ReadMany | None = None,
     ) -> None:
         self.read = read
+        self.read_many = read_many
+        self.group = max(1, group)
         self.forward = forward
         self.write = write
         self.batch_size = batch_size
@@ -194,7 +212,7 @@ class Pipeline:
 
     def run(self, block_ids: list[int]) -> list[BlockResult]:
         """Every block's result (timings or its error), in the order given."""
-        size = self.batch_size
+        size = self.batch_size * self.group  # blocks per stage: whole batches
         batches = [block_ids[i : i + size] for i in range(0, len(block_ids), size)]
         finished: list[_Block] = []
         reading: Future[list[_Block]] | None = None
@@ -223,9 +241,19 @@ class Pipeline:
         return [self._result(by_id[i]) for i in block_ids]
 
     def _read(self, ids: list[int]) -> list[_Block]:
-        blocks = []
         for block_id in ids:
             self.started(block_id)
+        if self.read_many is not None and len(ids) > 1:
+            t0 = time.perf_counter()
+            try:
+                data = self.read_many(ids)
+            except Exception:  # read them one by one: only the culprit fails
+                pass
+            else:
+                share = (time.perf_counter() - t0) / len(ids)
+                return [_Block(i, d, read=share) for i, d in zip(ids, data, strict=True)]
+        blocks = []
+        for block_id in ids:
             block = _Block(block_id)
             t0 = time.perf_counter()
             try:
@@ -237,6 +265,10 @@ class Pipeline:
         return blocks
 
     def _forward(self, blocks: list[_Block]) -> None:
+        for i in range(0, len(blocks), self.batch_size):  # a stage's group: batch by batch
+            self._forward_batch(blocks[i : i + self.batch_size])
+
+    def _forward_batch(self, blocks: list[_Block]) -> None:
         ready = [b for b in blocks if b.error is None]
         if not ready:
             return
@@ -251,7 +283,7 @@ class Pipeline:
                 ready[0].compute = time.perf_counter() - t0
                 return
             for b in ready:  # find the block that fails: one forward each
-                self._forward([b])
+                self._forward_batch([b])
             return
         share = (time.perf_counter() - t0) / len(ready)
         for b, y in zip(ready, outputs, strict=True):

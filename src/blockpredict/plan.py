@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -59,34 +60,34 @@ class BlockPlan:
     def dims(self) -> int:
         return self.input_voxel_size.dims
 
-    @property
+    @cached_property
     def read_size(self) -> Coordinate:
         """Read shape in world units."""
         return self.read_shape * self.input_voxel_size
 
-    @property
+    @cached_property
     def write_size(self) -> Coordinate:
         """Write shape in world units."""
         return self.write_shape * self.output_voxel_size
 
-    @property
+    @cached_property
     def context(self) -> Coordinate:
         """World units the read ROI extends beyond the write ROI on each side."""
         return (self.read_size - self.write_size) / 2
 
-    @property
+    @cached_property
     def output_shape(self) -> Coordinate:
         """Shape of the output ROI in output voxels."""
         return self.output_roi.shape / self.output_voxel_size
 
-    @property
+    @cached_property
     def grid_shape(self) -> Coordinate:
         """Number of blocks along each axis (trailing blocks may be partial)."""
         return Coordinate(
             math.ceil(s / w) for s, w in zip(self.output_roi.shape, self.write_size, strict=True)
         )
 
-    @property
+    @cached_property
     def num_blocks(self) -> int:
         return math.prod(self.grid_shape)
 

@@ -90,6 +90,14 @@ class Progress(RunObserver):
             self.bar.update(1)
             self._postfix()
 
+    def blocks_finished(self, results: Any) -> None:
+        self.done += len(results)
+        self.processed += len(results)
+        self.workers.update(r.worker for r in results)
+        if self.bar is not None and results:
+            self.bar.update(len(results))
+            self._postfix()
+
     def block_failed(self, result: Any, final: bool) -> None:
         if not final:
             return

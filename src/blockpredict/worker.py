@@ -9,6 +9,7 @@ output itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from distributed import WorkerPlugin, get_worker
 from .build import build_model, place
 from .config import ModelConfig
 from .job import BlockResult, Job, describe  # noqa: F401 (Job, describe: old import path)
-from .pipeline import Forward, Pipeline
+from .pipeline import Forward, Pipeline, group_size
 from .precision import unsupported
 from .storage import BlockReader, BlockWriter
 
@@ -35,7 +36,9 @@ _RUNNING: dict[int, float] = {}
 
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
-    """``cuda:i`` spread over visible GPUs by worker index, else the CPU."""
+    """The CPU, or a GPU: a worker that sees one GPU (``CUDA_VISIBLE_DEVICES``, set per worker
+    process on local and batch clusters) uses it; one that sees several (a user's own
+    workers) picks ``cuda:i`` by its name's trailing number."""
     if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -83,6 +86,10 @@ class ModelPlugin(WorkerPlugin):
             self.worker_name,
             started=_started,
             finished=_finished,
+            group=group_size(
+                4 * job.input.num_channels * math.prod(job.plan.read_shape), job.batch_size
+            ),
+            read_many=self.read_many,
         )
         logger.info("worker %s: model on %s (pid %d)", worker.name, self.device, os.getpid())
 
@@ -97,11 +104,55 @@ class ModelPlugin(WorkerPlugin):
         """The normalized input of one block: ``(C, *read_shape)`` float32."""
         return self.reader.read(self.job.plan.block(block_id).read_roi)
 
+    def read_many(self, block_ids: list[int]) -> list[np.ndarray]:
+        """The inputs of adjacent blocks: one storage call per run of blocks that fills at
+        least half of its bounding box in the block grid (a task's Morton-ordered blocks
+        mostly do; where the order jumps, a new run starts)."""
+        out: list[np.ndarray] = []
+        for run in _compact_runs(block_ids, tuple(self.job.plan.grid_shape)):
+            out += self._read_box(run)
+        return out
+
+    def _read_box(self, block_ids: list[int]) -> list[np.ndarray]:
+        plan, size = self.job.plan, self.job.input.voxel_size
+        rois = [plan.block(i).read_roi for i in block_ids]
+        if len(rois) == 1:
+            return [self.reader.read(rois[0])]
+        box = rois[0]
+        for roi in rois[1:]:
+            box = box.union(roi)
+        data = self.reader.read(box)
+        views = []
+        for roi in rois:
+            begin = (roi.offset - box.offset) / size
+            end = begin + roi.shape / size
+            views.append(
+                data[(slice(None), *(slice(b, e) for b, e in zip(begin, end, strict=True)))]
+            )
+        return views
+
     def write(self, block_id: int, prediction: np.ndarray) -> None:
         """Crop a ``(C_out, *write_shape)`` prediction to the block's write ROI and write it."""
         block = self.job.plan.block(block_id)
         crop = tuple(slice(0, s) for s in block.write_roi.shape / self.job.plan.output_voxel_size)
         self.writer.write(block.write_roi, prediction[(slice(None), *crop)])
+
+
+def _compact_runs(block_ids: list[int], grid: tuple[int, ...]) -> list[list[int]]:
+    """Consecutive runs of ``block_ids`` whose grid bounding box holds at most twice as many
+    blocks as the run (so a run's one read costs at most about twice its blocks' voxels)."""
+    index = np.stack(np.unravel_index(np.asarray(block_ids, np.int64), grid), axis=1)
+    runs: list[list[int]] = []
+    lo = hi = index[0]
+    for k, block_id in enumerate(block_ids):
+        new_lo, new_hi = np.minimum(lo, index[k]), np.maximum(hi, index[k])
+        if runs and math.prod((new_hi - new_lo + 1).tolist()) <= 2 * (len(runs[-1]) + 1):
+            runs[-1].append(block_id)
+            lo, hi = new_lo, new_hi
+        else:
+            runs.append([block_id])
+            lo = hi = index[k]
+    return runs
 
 
 def _started(block_id: int) -> None:

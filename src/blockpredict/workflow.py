@@ -284,7 +284,8 @@ def execute(
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
     from .dashboard import install, linger, page_url, show_final
-    from .runner import run, signals_restored
+    from .runner import run, signals_restored, start_loading
+    from .worker import ModelPlugin
 
     out = prepared.output
     plan = prepared.plan
@@ -310,6 +311,7 @@ def execute(
         connect(cluster) as client,
         page_url(client, own_scheduler=cluster.type != "address") as page,
     ):
+        loading = start_loading(client, ModelPlugin(job))  # workers load while we go on
         logger.info("dashboard: %s", client.dashboard_link)
         if page:
             logger.info("blockpredict page: %s (%s)", page, _page_lasts(execution))
@@ -332,6 +334,7 @@ def execute(
             execution,
             progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
+            loading=loading,
         )
         show_final()  # open pages draw how the run ended before the cluster closes
         if page and execution.dashboard_linger and not report.interrupted:
