@@ -267,7 +267,7 @@ def test_task_sizes_auto_and_forced():
         ("execution.precision=fp8", ["execution.precision", "'fp32', 'fp16' or 'bf16'"]),
         ("execution.blocks_per_task=0", ["execution.blocks_per_task"]),
         ("cluster.worker_env={OMP_NUM_THREADS: 4}", ["cluster.worker_env.OMP_NUM_THREADS"]),
-        ("cluster.worker_env=[A]", ["cluster.worker_env", "valid dictionary"]),
+        ("cluster.worker_env=[A]", ["cluster.worker_env", "a mapping"]),
         (
             "execution.precision=fp16",
             ["precision fp16 cannot run on cpu", "fp16 needs a CUDA device", "use fp32 or bf16"],
