@@ -173,6 +173,20 @@ def build(delay=0.0, fail=False, gate=None, action="raise", mark=100.0):
 """
 
 
+def mean_model() -> Any:
+    """The factory's model without its delay: a 3x3x3 mean filter, 10^3 in, 8^3 out."""
+    from blockpredict.architectures import WrappedArchitecture
+    from blockpredict.model import Model
+
+    arch = WrappedArchitecture(
+        torch.nn.AvgPool3d(3, stride=1),
+        input_shape=Coordinate(10, 10, 10),
+        num_in_channels=1,
+        num_out_channels=1,
+    )
+    return Model(arch, torch.nn.Identity())
+
+
 def write_factory(folder: Path, name: str = "slow") -> str:
     """The test factory ``FACTORY`` as module ``name`` in ``folder``; returns ``name``.
 

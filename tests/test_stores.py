@@ -22,7 +22,14 @@ import pytest
 import torch
 import zarr
 from conftest import cli_process as cli
-from conftest import make_input, read_output, worker_processes, write_factory, write_workflow
+from conftest import (
+    make_input,
+    mean_model,
+    read_output,
+    worker_processes,
+    write_factory,
+    write_workflow,
+)
 from s3server import moto_server, set_auth
 
 import blockpredict
@@ -224,21 +231,6 @@ def test_transient_errors_are_retried_inside_the_read_and_the_write(
     np.testing.assert_allclose(
         read_url(f"s3://{bucket}/out.zarr/pred/s0")[0], expected(data), atol=1e-6
     )
-
-
-def mean_model() -> blockpredict.Model:
-    """The factory's model without its delay: a 3x3x3 mean filter, 10^3 in, 8^3 out."""
-    from funlib.geometry import Coordinate
-
-    from blockpredict.architectures import WrappedArchitecture
-
-    arch = WrappedArchitecture(
-        torch.nn.AvgPool3d(3, stride=1),
-        input_shape=Coordinate(10, 10, 10),
-        num_in_channels=1,
-        num_out_channels=1,
-    )
-    return blockpredict.Model(arch, torch.nn.Identity())
 
 
 # --- bad input: one line, exit code 2, nothing written -------------------------------

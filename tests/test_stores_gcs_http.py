@@ -20,13 +20,11 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import make_input, read_output
-from funlib.geometry import Coordinate
+from conftest import make_input, mean_model, read_output
 from servers import gcs_server, http_server
 
 import blockpredict
 from blockpredict import retries, stores
-from blockpredict.architectures import WrappedArchitecture
 from blockpredict.cli import main
 from blockpredict.lock import OutputLock, OutputLockedError
 from blockpredict.loopback import LoopbackProxy
@@ -63,17 +61,6 @@ def bucket(gcs: dict, tmp_path: Path, data: np.ndarray) -> str:
     fs.mkdir(name)
     fs.put(str(tmp_path / "in.zarr"), f"{name}/in.zarr", recursive=True)
     return name
-
-
-def mean_model() -> blockpredict.Model:
-    """A 3x3x3 mean filter: 10^3 in, 8^3 out."""
-    arch = WrappedArchitecture(
-        torch.nn.AvgPool3d(3, stride=1),
-        input_shape=Coordinate(10, 10, 10),
-        num_in_channels=1,
-        num_out_channels=1,
-    )
-    return blockpredict.Model(arch, torch.nn.Identity())
 
 
 def run(cluster_address: str, input: str, output: str, options: dict | None = None, **execution):
