@@ -68,6 +68,7 @@ def test_the_map_follows_a_run_with_resume_retries_and_failures(tmp_path, max_si
         live.blocks_submitted(batch[:3])  # resent after a timeout while still in flight
         truth[batch] = IN_FLIGHT
         check()
+        done = []  # reported per task, as the runner does
         for block_id in batch[: int(rng.integers(5, 20))]:
             outcome = rng.integers(3)
             if outcome == 0:  # retried later
@@ -80,8 +81,9 @@ def test_the_map_follows_a_run_with_resume_retries_and_failures(tmp_path, max_si
                 truth[block_id] = FAILED_NOW
             else:
                 ledger.mark(block_id, DONE)
-                live.block_finished(BlockResult(block_id, worker="w"))
+                done.append(BlockResult(block_id, worker="w"))
                 truth[block_id] = DONE_NOW
+        live.blocks_finished(done)
         check()
         if len(todo) < 40:
             break

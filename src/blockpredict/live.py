@@ -113,16 +113,12 @@ class LiveState(RunObserver):
         self.map.move(block_id, old, new)
 
     def block_finished(self, result: Any) -> None:
-        with self.lock:
-            self._left_flight(result.block_id, DONE_NOW)
-            self.processed += 1
-            self.workers.add(result.worker)
-            for phase in self.phase_totals:
-                self.phase_totals[phase] += getattr(result, phase)
+        self.blocks_finished([result])
 
     def blocks_finished(self, results: Any) -> None:
         with self.lock:
-            self.in_flight.difference_update(r.block_id for r in results)
+            for r in results:  # the block map's counts move with each block
+                self._left_flight(r.block_id, DONE_NOW)
             self.processed += len(results)
             self.workers.update(r.worker for r in results)
             for phase in self.phase_totals:
