@@ -134,15 +134,7 @@ class EventLog(RunObserver):
         self.flush()
 
     def block_finished(self, result: Any) -> None:
-        self._add(
-            "block_finished",
-            block=result.block_id,
-            index=list(self.plan.block_index(result.block_id)),
-            worker=result.worker,
-            read=round(result.read, 4),
-            compute=round(result.compute, 4),
-            write=round(result.write, 4),
-        )
+        self.blocks_finished([result])
 
     def blocks_finished(self, results: Any) -> None:
         """One task's blocks: grid indices computed at once, lines formatted without json."""

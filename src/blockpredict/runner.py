@@ -165,6 +165,7 @@ class Dispatcher:
                 self._account(result, counted=True)
 
     def _account(self, result: BlockResult, counted: bool = False) -> None:
+        """A failed block: retried, or marked failed once its attempts are spent."""
         block_id, report = result.block_id, self.report
         if (
             not counted
@@ -172,14 +173,6 @@ class Dispatcher:
             and block_id not in self.attempts
         ):
             self.first_outcomes.append(result.error)
-        if result.error is None:
-            self.ledger.mark(block_id, DONE)
-            report.blocks_processed += 1
-            self.worker_names.add(result.worker)
-            self.phases.add(result)
-            self.sizer.observe(result)
-            self.observer.block_finished(result)
-            return
         self.attempts[block_id] = self.attempts.get(block_id, 0) + 1
         final = self.attempts[block_id] > self.execution.max_retries
         self.observer.block_failed(result, final)
