@@ -337,8 +337,13 @@ def run_bench(
     repeats: int | None = None,
     device_ms: float | None = None,
     simulate_workers: int | None = None,
+    simulate_ms: float = 50.0,
+    parts: tuple[str, ...] = ("compare", "startup", "dispatch", "device", "cluster"),
 ) -> dict[str, Any]:
-    """All figures; ``quick`` shrinks sizes and repeats (for a smoke test)."""
+    """The figures of ``parts``; ``quick`` shrinks sizes and repeats (for a smoke test).
+
+    ``device`` runs only with ``device_ms``, ``cluster`` only with ``simulate_workers``.
+    """
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -349,17 +354,20 @@ def run_bench(
         results: dict[str, Any] = {
             "command": " ".join(["blockpredict", *sys.argv[1:]]),
             "repeats": repeats,
-            "compare": bench_compare(root, quick, repeats, cores or 1),
-            "startup": bench_startup(root, [1000] if quick else [200, 10_000], repeats),
-            "dispatch": bench_dispatch(
-                root, 64 if quick else 256, ["auto", 8] if quick else ["auto", 1, 8, 32], repeats
-            ),
         }
-        if device_ms is not None:
+        if "compare" in parts:
+            results["compare"] = bench_compare(root, quick, repeats, cores or 1)
+        if "startup" in parts:
+            results["startup"] = bench_startup(root, [1000] if quick else [200, 10_000], repeats)
+        if "dispatch" in parts:
+            results["dispatch"] = bench_dispatch(
+                root, 64 if quick else 256, ["auto", 8] if quick else ["auto", 1, 8, 32], repeats
+            )
+        if device_ms is not None and "device" in parts:
             results["device"] = bench_device(root, device_ms, quick, repeats)
-        if simulate_workers:
+        if simulate_workers and "cluster" in parts:
             results["simulated_cluster"] = bench_simulated_cluster(
-                root, simulate_workers, device_ms or 50.0, repeats, 2.0 if quick else 8.0
+                root, simulate_workers, simulate_ms, repeats, 2.0 if quick else 8.0
             )
         results["bench_seconds"] = time.perf_counter() - t0
         return results

@@ -6,6 +6,19 @@ from typing import Any
 
 
 def format_results(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "compare" in results:
+        lines += _compare(results)
+    if "startup" in results:
+        lines += _startup(results)
+    if "dispatch" in results:
+        lines += _dispatch(results)
+    lines += _simulated(results)
+    lines.append(f"bench took {results['bench_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def _compare(results: dict[str, Any]) -> list[str]:
     c = results["compare"]
     lines = [
         f"side by side: {c['model']} on {c['input']} ({c['blocks']} blocks), {c['cores']} cores, "
@@ -28,18 +41,31 @@ def format_results(results: dict[str, Any]) -> str:
             f"  engine {phase:<8} total {p['total']:.1f} s  p50 {p['p50'] * 1000:.0f} ms  "
             f"p90 {p['p90'] * 1000:.0f} ms"
         )
-    lines.append("start-up (plan, and predict up to its first block id; medians):")
+    return lines
+
+
+def _startup(results: dict[str, Any]) -> list[str]:
+    lines = ["start-up (plan, and predict up to its first block id; medians):"]
     for r in results["startup"]:
         lines.append(
             f"  {r['input']:>16}  {r['blocks']:>9} blocks  plan {r['plan_s']:.2f} s  "
             f"start {r['start_s']:.2f} s  peak {r['peak_mb']:.0f} MB"
         )
-    lines.append("dispatch, trivial model, 2 worker processes (medians):")
+    return lines
+
+
+def _dispatch(results: dict[str, Any]) -> list[str]:
+    lines = ["dispatch, trivial model, 2 worker processes (medians):"]
     for r in results["dispatch"]:
         lines.append(
             f"  blocks_per_task {r['blocks_per_task']!s:>4}  {r['blocks']} blocks  "
             f"{r['blocks_per_s']:.0f} blocks/s ({r['steady_blocks_per_s']:.0f} steady)"
         )
+    return lines
+
+
+def _simulated(results: dict[str, Any]) -> list[str]:
+    lines = []
     if "device" in results:
         d = results["device"]
         lines.append(
@@ -52,5 +78,4 @@ def format_results(results: dict[str, Any]) -> str:
             f"simulated cluster: {r['workers']:>4} in-process workers  {r['blocks']} blocks  "
             f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f})"
         )
-    lines.append(f"bench took {results['bench_seconds']:.0f} s")
-    return "\n".join(lines)
+    return lines

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from .errors import BlockpredictError
 
+# what `bench --only` may pick (device and cluster also need --device-ms / --simulate-workers)
+BENCH_PARTS = ("compare", "startup", "dispatch", "device", "cluster")
+
 logger = logging.getLogger("blockpredict")
 
 
@@ -142,6 +145,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--simulate-workers", type=int, help="dispatch rate of N in-process simulated workers"
+    )
+    bench.add_argument(
+        "--simulate-ms",
+        type=float,
+        default=50.0,
+        help="the simulated cluster's device time per block (default 50 ms)",
+    )
+    bench.add_argument(
+        "--only",
+        help="comma-separated parts to run: " + ", ".join(BENCH_PARTS) + " (default: all of them)",
     )
     bench.set_defaults(func=_bench)
     _debug_arg(bench)
@@ -330,9 +343,24 @@ def _bench(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         return 0
     from .bench import format_results, run_bench
+    from .errors import ConfigError
 
+    parts = BENCH_PARTS if args.only is None else tuple(p.strip() for p in args.only.split(","))
+    unknown = sorted(set(parts) - set(BENCH_PARTS))
+    if unknown:
+        raise ConfigError(
+            f"bench --only: unknown part {', '.join(unknown)}",
+            "--only",
+            "choose from " + ", ".join(BENCH_PARTS),
+        )
     results = run_bench(
-        args.dir, args.quick, args.repeat, args.device_ms, args.simulate_workers
+        args.dir,
+        args.quick,
+        args.repeat,
+        args.device_ms,
+        args.simulate_workers,
+        args.simulate_ms,
+        parts,
     )
     print(format_results(results))
     if args.json:
