@@ -180,7 +180,7 @@ class OutputConfig(Strict):
     zarr_format: Literal[2, 3] | None = None
     chunk_shape: list[PositiveInt] | None = None
     shard_shape: list[PositiveInt] | None = None
-    compressor: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
+    compressor: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
     multiscale: NonNegativeInt = 0
     multiscale_factors: list[PositiveInt] | None = None
     range: tuple[float, float] = (0.0, 1.0)

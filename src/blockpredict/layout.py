@@ -60,7 +60,7 @@ class OutputInfo:
     num_channels: int
     images: tuple[Image, ...] = ()
     zarr_format: int = 3
-    compressor: str = "zstd"
+    compressor: str = "lz4"
     range: tuple[float, float] = (0.0, 1.0)
     axis_names: tuple[str, ...] = field(default=())
     units: tuple[str, ...] = field(default=())
