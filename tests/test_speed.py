@@ -28,10 +28,11 @@ from blockpredict.build import build_model
 from blockpredict.cluster import connect
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.forward import Forward
 from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
-from blockpredict.pipeline import Forward, Pipeline
+from blockpredict.pipeline import Pipeline
 from blockpredict.precision import TOLERANCE
 from blockpredict.sizing import TaskSizer
 from blockpredict.submit import driver_script
@@ -257,7 +258,13 @@ def test_task_sizes_auto_and_forced():
     assert sizer.size(remaining=8) == 2  # the end of the run: a share for every worker
     slow = TaskSizer("auto", workers=2)
     slow.observe(BlockResult(0, read=0.015, compute=0.6, write=0.04))
-    assert 3 <= slow.size(remaining=1000) <= 10
+    assert slow.size(remaining=1000) == 1  # the pipeline does not drain between tasks
+    gpu = BlockResult(0, read=0.015, compute=0.05, write=0.02)
+    small, big = TaskSizer("auto", workers=2), TaskSizer("auto", workers=512)
+    small.observe(gpu)
+    big.observe(gpu)
+    # the scheduler handles every worker's tasks: tasks get longer on a bigger cluster
+    assert small.size(remaining=10**6) == 5 and big.size(remaining=10**6) == 41
 
 
 @pytest.mark.parametrize(

@@ -82,12 +82,15 @@ def _has_cuda() -> bool:
 
 
 def torch_threads(config: ClusterConfig) -> int:
-    """Torch threads per worker task on the CPU: the worker's share of the cores."""
+    """Torch threads per worker on the CPU: the worker's share of the cores.
+
+    A worker runs one forward at a time (its pipeline's forward stage), whatever its
+    Dask threads, so a local worker's share is ``cores // n_workers``.
+    """
     if config.type != "local":
         return config.threads_per_worker  # a batch job's cores are its workers' threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = (cores or 1) // (config.n_workers * config.threads_per_worker)
-    return max(1, share)
+    return max(1, (cores or 1) // config.n_workers)
 
 
 from distributed import SpecCluster  # noqa: E402 (used by the GPU layout below)

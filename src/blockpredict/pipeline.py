@@ -1,15 +1,22 @@
 """The per-worker stages that overlap: read ahead, one forward at a time, write behind.
 
-While group i runs its forwards (in the Dask task's thread), group i+1 is read
-and normalized on a reader thread and group i-1 is converted and written on a
-writer thread. A group is ``group`` whole batches: one batch for large blocks,
-more for small ones, up to about ``GROUP_BYTES`` of input, so tiny blocks are
-read with one storage call per group (``read_many``) instead of one per block.
-Each stage holds at most one group, so a worker holds at most **three groups**
-(``3 * batch_size`` blocks for large blocks; for small ones about
-``3 * GROUP_BYTES`` of input and its outputs), whatever the volume. Only the task's thread runs
-forwards, and a worker runs one task at a time per thread, so there is one
-forward at a time per device.
+A worker holds one :class:`Pipeline` for the whole run, with one thread per
+stage. While group i runs its forwards, group i+1 is read and normalized and
+group i-1 is converted and written. Tasks only feed it: a task's blocks join
+the queue behind the previous task's, so the stages do not drain between
+tasks. ``entered`` (the worker passes Dask's ``secede``) is called in the
+task's thread once the reader has taken the task's last group: the worker
+then starts its next task, whose first read overlaps this task's last
+forward and write.
+
+A group is ``group`` whole batches: one batch for large blocks, more for
+small ones, up to about ``GROUP_BYTES`` of input, so tiny blocks are read
+with one storage call per group (``read_many``) instead of one per block.
+At most ``BATCHES_IN_MEMORY`` groups (**three**: one being read, one in the
+forward, one being written) hold data at any time, whatever the volume and
+however many tasks wait: ``3 * batch_size`` blocks for large blocks, about
+``3 * GROUP_BYTES`` of input and its outputs for small ones. One thread
+runs every forward, so there is one forward at a time per device.
 
 A block that fails (read, forward or write) fails alone: its result carries the
 error and the others go on; a batch whose forward raises is retried one block
@@ -21,25 +28,24 @@ forward begins, ``finished(block_id)`` after its write (or failure): the worker
 times blocks from these for ``block_timeout``, so a block read ahead is not
 charged for the forward it waits for.
 
-The stages reach storage only through two callables, ``read(block_id)`` and
-``write(block_id, prediction)``, so storage can change how it reads and writes.
+The stages reach storage only through callables, ``read(block_id)`` and
+``write(block_id, prediction)`` and, for a group at once, ``read_many`` and
+``write_many`` (a failed group call falls back to one call per block), so
+storage can change how it reads and writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import queue
+import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .job import BlockResult, describe
-from .precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ def group_size(block_bytes: int, batch_size: int) -> int:
 ReadBlock = Callable[[int], np.ndarray]
 WriteBlock = Callable[[int, np.ndarray], None]
 ReadMany = Callable[[list[int]], list[np.ndarray]]
+WriteMany = Callable[[list[int], list[np.ndarray]], None]
 
 
 @dataclass
@@ -73,114 +80,34 @@ class _Block:
     done: bool = field(default=False)
 
 
-class Forward:
-    """Batched forward on one device: ``[(C, *read_shape)] -> [(C_out, *write_shape)]``.
+class _Ticket:
+    """One task's blocks on their way: set ``entered`` when the last group is being read,
+    ``done`` when every block was written (or failed)."""
 
-    On CUDA, inputs go through pinned host buffers with non-blocking copies on
-    a stream of the forward's own; outputs come back through a ring of two
-    pinned buffers (one may still be being written while the next forward
-    fills the other). ``staging`` forces that path on (to test it on the CPU).
-    """
+    def __init__(self, block_ids: list[int]) -> None:
+        self.block_ids = block_ids
+        self.finished: list[_Block] = []
+        self.entered = threading.Event()
+        self.done = threading.Event()
+        self._lock = threading.Lock()
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        write_shape: tuple[int, ...],
-        model_dims: int,
-        precision: str = "fp32",
-        compile: bool = False,
-        staging: bool | None = None,
-    ) -> None:
-        self.model = model
-        self.device = device
-        self.write_shape = tuple(write_shape)
-        self.model_dims = model_dims
-        self.precision = precision
-        self.staging = device.type == "cuda" if staging is None else staging
-        self.pin = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
-        self._turn = 0
-        self.compiled: Callable[..., torch.Tensor] | None = None
-        if compile:
-            try:
-                self.compiled = torch.compile(model)
-            except Exception as e:
-                self._compile_failed(e)
+    def add(self, blocks: list[_Block]) -> None:
+        with self._lock:
+            self.finished += blocks
+            if len(self.finished) >= len(self.block_ids):
+                self.done.set()
 
-    def __call__(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
-        channels, *spatial = blocks[0].shape
-        model_shape = spatial[len(spatial) - self.model_dims :]
-        batch = np.stack(blocks).reshape(len(blocks), channels, *model_shape)
-        with self._on_stream():
-            x = self._to_device(batch)
-            with torch.no_grad(), autocast(self.device, self.precision):
-                y = self._run(x)
-            y = self._to_host(y.float())
-        expected = self.write_shape[len(self.write_shape) - self.model_dims :]
-        if tuple(y.shape[2:]) != expected:
-            raise RuntimeError(
-                f"model returned spatial shape {tuple(y.shape[2:])}, expected {expected}"
-            )
-        return [y[i].reshape(y.shape[1], *self.write_shape) for i in range(len(blocks))]
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(x)
-            except Exception as e:
-                y = self.model(x)  # the model itself runs: compiling was the problem
-                self._compile_failed(e)
-                return y
-        return self.model(x)
-
-    def _compile_failed(self, error: Exception) -> None:
-        self.compiled = None
-        warnings.warn(
-            f"execution.compile: torch.compile failed ({describe(error)}); running uncompiled",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        logger.warning("torch.compile failed (%s); running uncompiled", describe(error))
-
-    @contextlib.contextmanager
-    def _on_stream(self) -> Iterator[None]:
-        if self.stream is None:
-            yield
-            return
-        with torch.cuda.stream(self.stream):
-            yield
-        self.stream.synchronize()
-
-    def _buffer(self, name: str, shape: torch.Size, turn: int = 0) -> torch.Tensor:
-        buffer = self._buffers.get((name, turn))
-        if buffer is None or buffer.shape != shape:
-            buffer = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
-            self._buffers[(name, turn)] = buffer
-        return buffer
-
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(batch)
-        if not self.staging:
-            return host.to(self.device)
-        staged = self._buffer("in", host.shape)
-        staged.copy_(host)
-        return staged.to(self.device, non_blocking=True)
-
-    def _to_host(self, y: torch.Tensor) -> np.ndarray:
-        if not self.staging:
-            return y.cpu().numpy()
-        self._turn = 1 - self._turn
-        host = self._buffer("out", y.shape, self._turn)
-        host.copy_(y, non_blocking=True)
-        if self.stream is not None:
-            self.stream.synchronize()
-        return host.numpy()
+@dataclass
+class _Group:
+    ticket: _Ticket
+    ids: list[int]
+    last: bool
+    blocks: list[_Block] = field(default_factory=list)
 
 
 class Pipeline:
-    """Runs a task's blocks through read -> forward -> write, the three stages overlapping."""
+    """Runs every task's blocks through read -> forward -> write, the three stages overlapping."""
 
     def __init__(
         self,
@@ -193,9 +120,11 @@ class Pipeline:
         finished: Callable[[int], None] = lambda block_id: None,
         group: int = 1,
         read_many: ReadMany | None = None,
+        write_many: WriteMany | None = None,
     ) -> None:
         self.read = read
         self.read_many = read_many
+        self.write_many = write_many
         self.group = max(1, group)
         self.forward = forward
         self.write = write
@@ -203,44 +132,87 @@ class Pipeline:
         self.worker = worker
         self.started = started
         self.finished = finished
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="blockpredict-read")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="blockpredict-write")
+        self._to_read: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
+        self._to_forward: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
+        self._to_write: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(BATCHES_IN_MEMORY)  # groups holding data
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
 
     def close(self) -> None:
-        self.reader.shutdown(wait=False, cancel_futures=True)
-        self.writer.shutdown(wait=False, cancel_futures=True)
+        """Let the stage threads end (they finish the groups they hold)."""
+        if self._threads:
+            self._to_read.put(None)
 
-    def run(self, block_ids: list[int]) -> list[BlockResult]:
-        """Every block's result (timings or its error), in the order given."""
-        size = self.batch_size * self.group  # blocks per stage: whole batches
-        batches = [block_ids[i : i + size] for i in range(0, len(block_ids), size)]
-        finished: list[_Block] = []
-        reading: Future[list[_Block]] | None = None
-        writing: Future[list[_Block]] | None = None
-        try:
-            if batches:
-                reading = self.reader.submit(self._read, batches[0])
-            for i in range(len(batches)):
-                assert reading is not None
-                blocks = reading.result()
-                reading = None
-                if i + 1 < len(batches):  # read ahead while this batch runs its forward
-                    reading = self.reader.submit(self._read, batches[i + 1])
-                self._forward(blocks)
-                if writing is not None:  # back-pressure: one batch being written at a time
-                    finished += writing.result()
-                writing = self.writer.submit(self._write, blocks)
-            if writing is not None:
-                finished += writing.result()
-                writing = None
-        finally:  # an unexpected error: let the stages settle before the next task
-            for pending in (reading, writing):
-                if pending is not None:
-                    pending.cancel() or pending.exception()
-        by_id = {b.block_id: b for b in finished}
+    def run(
+        self, block_ids: list[int], entered: Callable[[], None] | None = None
+    ) -> list[BlockResult]:
+        """Every block's result (timings or its error), in the order given.
+
+        ``entered`` is called in this thread once the reader has taken the last group.
+        """
+        if not block_ids:
+            return []
+        self._start()
+        ticket = _Ticket(block_ids)
+        size = self.batch_size * self.group  # blocks per group: whole batches
+        for i in range(0, len(block_ids), size):
+            ids = block_ids[i : i + size]
+            self._to_read.put(_Group(ticket, ids, last=i + size >= len(block_ids)))
+        if entered is not None:
+            ticket.entered.wait()
+            entered()
+        ticket.done.wait()
+        by_id = {b.block_id: b for b in ticket.finished}
         return [self._result(by_id[i]) for i in block_ids]
 
-    def _read(self, ids: list[int]) -> list[_Block]:
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._threads:
+                return
+            for name, loop in (
+                ("read", self._reading),
+                ("forward", self._forwarding),
+                ("write", self._writing),
+            ):
+                thread = threading.Thread(target=loop, name=f"blockpredict-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _reading(self) -> None:
+        while (group := self._to_read.get()) is not None:
+            self._slots.acquire()  # at most BATCHES_IN_MEMORY groups hold data
+            if group.last:
+                group.ticket.entered.set()  # the next task may enter while this group is read
+            group.blocks = self._guarded(group, self._read)
+            self._to_forward.put(group)
+        self._to_forward.put(None)
+
+    def _forwarding(self) -> None:
+        while (group := self._to_forward.get()) is not None:
+            group.blocks = self._guarded(group, self._forward)
+            self._to_write.put(group)
+        self._to_write.put(None)
+
+    def _writing(self) -> None:
+        while (group := self._to_write.get()) is not None:
+            blocks = self._guarded(group, self._write)
+            self._slots.release()
+            group.ticket.add(blocks)
+
+    def _guarded(self, group: _Group, stage: Callable[[_Group], list[_Block]]) -> list[_Block]:
+        """A stage's work on a group; an unexpected error fails the group's blocks, so the
+        task still gets an answer and the stage thread goes on."""
+        try:
+            return stage(group)
+        except BaseException as e:  # noqa: BLE001 (reported per block, never lost)
+            blocks = group.blocks or [_Block(i) for i in group.ids]
+            for b in blocks:
+                b.error, b.data = b.error or describe(e), None
+            return blocks
+
+    def _read(self, group: _Group) -> list[_Block]:
+        ids = group.ids
         for block_id in ids:
             self.started(block_id)
         if self.read_many is not None and len(ids) > 1:
@@ -264,9 +236,11 @@ class Pipeline:
             blocks.append(block)
         return blocks
 
-    def _forward(self, blocks: list[_Block]) -> None:
-        for i in range(0, len(blocks), self.batch_size):  # a stage's group: batch by batch
+    def _forward(self, group: _Group) -> list[_Block]:
+        blocks = group.blocks
+        for i in range(0, len(blocks), self.batch_size):  # a group: batch by batch
             self._forward_batch(blocks[i : i + self.batch_size])
+        return blocks
 
     def _forward_batch(self, blocks: list[_Block]) -> None:
         ready = [b for b in blocks if b.error is None]
@@ -289,9 +263,21 @@ class Pipeline:
         for b, y in zip(ready, outputs, strict=True):
             b.data, b.compute = y, share
 
-    def _write(self, blocks: list[_Block]) -> list[_Block]:
+    def _write(self, group: _Group) -> list[_Block]:
+        blocks = group.blocks
+        ready = [b for b in blocks if b.error is None]
+        if self.write_many is not None and len(ready) > 1:
+            t0 = time.perf_counter()
+            try:
+                self.write_many([b.block_id for b in ready], [b.data for b in ready])  # type: ignore[misc]
+            except Exception:  # write them one by one: only the culprit fails
+                pass
+            else:
+                share = (time.perf_counter() - t0) / len(ready)
+                for b in ready:
+                    b.done, b.write = True, share
         for block in blocks:
-            if block.error is None:
+            if block.error is None and not block.done:
                 t0 = time.perf_counter()
                 try:
                     self.write(block.block_id, block.data)  # type: ignore[arg-type]

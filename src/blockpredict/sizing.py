@@ -1,11 +1,15 @@
 """Self-sizing tasks: how many blocks one Dask task carries.
 
-Each task costs a scheduler round trip (2-3 ms here, DESIGN.md) and, in the
-worker's pipeline, one read and one write that nothing overlaps (its fill and
-drain). ``blocks_per_task: auto`` measures the blocks as they finish and sizes
-tasks so that this cost stays under ``OVERHEAD`` of the task's time; near the
-end of the run tasks shrink so every worker still gets a share of what is left.
-An integer ``blocks_per_task`` forces the size.
+Each task costs a scheduler round trip (2-3 ms here, DESIGN.md) and the
+client's and worker's handling of it; the worker's pipeline does not drain
+between tasks (the next task's blocks queue behind), so reads and writes are
+not part of that cost. The scheduler's share grows with the workers: it
+handles every worker's tasks, so tasks get longer on bigger clusters.
+``blocks_per_task: auto`` measures the blocks as they finish and sizes tasks
+so that these costs stay under ``OVERHEAD`` of the task's time (and the
+scheduler under ``SCHEDULER_SHARE`` of its own); near the end of the run
+tasks shrink so every worker still gets a share of what is left. An integer
+``blocks_per_task`` forces the size.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from .job import BlockResult
 
 OVERHEAD = 0.02  # the per-task cost, as a share of the task's time
 TASK_COST_S = 0.005  # scheduler round trip and client handling per task
+SCHEDULER_TASK_S = 0.001  # the scheduler's and client's time per task, for any worker's task
+SCHEDULER_SHARE = 0.25  # of the scheduler's time the run's tasks may take
 MAX_BLOCKS_PER_TASK = 4096
 SHARES_AT_THE_END = 2  # tasks per worker that what is left is split into
 
@@ -51,7 +57,10 @@ class TaskSizer:
         n = self._count
         read, compute, write = self._read / n, self._compute / n, self._write / n
         steady = max(read, compute, write, 1e-6)  # per block, once the stages overlap
-        wanted = math.ceil((TASK_COST_S + read + write) / (OVERHEAD * steady))
+        seconds = max(  # a task's time, long enough for both costs
+            TASK_COST_S / OVERHEAD, self.workers * SCHEDULER_TASK_S / SCHEDULER_SHARE
+        )
+        wanted = math.ceil(seconds / steady)
         share = math.ceil(remaining / (SHARES_AT_THE_END * max(1, self.workers)))
         blocks = max(1, min(wanted, share, MAX_BLOCKS_PER_TASK))
         return math.ceil(blocks / self.batch_size) * self.batch_size  # whole batches

@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from distributed import WorkerPlugin, get_worker
+from distributed import WorkerPlugin, get_worker, secede
+from funlib.geometry import Roi
 
 from .build import build_model, place
 from .config import ModelConfig
+from .forward import Forward
 from .job import BlockResult, Job, describe  # noqa: F401 (Job, describe: old import path)
-from .pipeline import Forward, Pipeline, group_size
+from .pipeline import Pipeline, group_size
 from .precision import unsupported
 from .storage import BlockReader, BlockWriter
 
@@ -90,6 +92,7 @@ class ModelPlugin(WorkerPlugin):
                 4 * job.input.num_channels * math.prod(job.plan.read_shape), job.batch_size
             ),
             read_many=self.read_many,
+            write_many=self.write_many,
         )
         logger.info("worker %s: model on %s (pid %d)", worker.name, self.device, os.getpid())
 
@@ -133,9 +136,17 @@ class ModelPlugin(WorkerPlugin):
 
     def write(self, block_id: int, prediction: np.ndarray) -> None:
         """Crop a ``(C_out, *write_shape)`` prediction to the block's write ROI and write it."""
-        block = self.job.plan.block(block_id)
-        crop = tuple(slice(0, s) for s in block.write_roi.shape / self.job.plan.output_voxel_size)
-        self.writer.write(block.write_roi, prediction[(slice(None), *crop)])
+        self.writer.write(*self._cropped(block_id, prediction))
+
+    def write_many(self, block_ids: list[int], predictions: list[np.ndarray]) -> None:
+        """Several blocks' predictions, cropped, in one storage call."""
+        pairs = zip(block_ids, predictions, strict=True)
+        self.writer.write_many([self._cropped(i, p) for i, p in pairs])
+
+    def _cropped(self, block_id: int, prediction: np.ndarray) -> tuple[Roi, np.ndarray]:
+        roi = self.job.plan.block(block_id).write_roi
+        crop = tuple(slice(0, s) for s in roi.shape / self.job.plan.output_voxel_size)
+        return roi, prediction[(slice(None), *crop)]
 
 
 def _compact_runs(block_ids: list[int], grid: tuple[int, ...]) -> list[list[int]]:
@@ -167,12 +178,15 @@ def process_blocks(block_ids: list[int]) -> list[BlockResult]:
     """The Dask task: adjacent blocks through this worker's pipeline.
 
     A block that raises is reported in its result, so the others of the task
-    still count and only that block is retried.
+    still count and only that block is retried. Once the pipeline's reader has
+    taken the task's last group, the task secedes from the worker's thread
+    pool: the worker starts its next task, whose blocks queue behind these, so
+    the stages never drain between tasks.
     """
     plugin = get_worker().plugins[PLUGIN_NAME]
     assert plugin.model is not None, "ModelPlugin.setup did not run"
     try:
-        return plugin.pipeline.run(block_ids)
+        return plugin.pipeline.run(block_ids, entered=secede)
     finally:
         for block_id in block_ids:
             _RUNNING.pop(block_id, None)
