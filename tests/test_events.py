@@ -25,9 +25,9 @@ from conftest import (
 import blockpredict
 from blockpredict.config import load_workflow
 from blockpredict.events import EventLog, read_events, replay
+from blockpredict.job import BlockResult
 from blockpredict.ledger import CHUNK, DONE, FAILED, Ledger
 from blockpredict.plan import BlockPlan
-from blockpredict.worker import BlockResult
 from blockpredict.workflow import predict_workflow
 
 SRC = str(Path(blockpredict.__file__).resolve().parents[1])

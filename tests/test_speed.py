@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -42,7 +44,11 @@ VARS = (*ALLOCATOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLOCKPREDICT_EXTR
 
 
 def _read_env() -> dict[str, str | None]:
-    return {name: os.environ.get(name) for name in VARS}
+    import dask
+
+    seen: dict[str, str | None] = {name: os.environ.get(name) for name in VARS}
+    seen["profiler"] = str(dask.config.get("distributed.worker.profile.enabled"))
+    return seen
 
 
 def test_local_workers_see_allocator_thread_and_user_variables():
@@ -62,6 +68,7 @@ def test_local_workers_see_allocator_thread_and_user_variables():
         assert env["MALLOC_ARENA_MAX"] == "2"  # worker_env overrides a default
         assert env["BLOCKPREDICT_EXTRA"] == "yes"  # and adds
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"  # 2 cores, 2 workers
+        assert env["profiler"] == "False"  # seceding tasks would race Dask's sampler
 
 
 def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
@@ -247,6 +254,52 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
     )
 
 
+def test_the_next_task_enters_the_pipeline_before_the_last_one_drains():
+    """A worker's stages never drain between tasks: while task 1's last blocks run their
+    forward and write, task 2's blocks are read; at most three groups hold data at once."""
+    events: list[tuple[str, int]] = []
+    holding: set[int] = set()
+    most = 0
+
+    def read(block_id: int) -> np.ndarray:
+        nonlocal most
+        events.append(("read", block_id))
+        holding.add(block_id)
+        most = max(most, len(holding))
+        return np.full((1, 2), float(block_id), np.float32)
+
+    def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.02)  # a device that takes its time
+        return batch
+
+    def write(block_id: int, prediction: np.ndarray) -> None:
+        time.sleep(0.02)
+        events.append(("write", block_id))
+        holding.discard(block_id)
+
+    pipeline = Pipeline(read, forward, write)
+    second: list[BlockResult] = []
+    entered = threading.Event()
+
+    def next_task() -> None:  # what Dask does once a task secedes: start the next one
+        second.extend(pipeline.run([10, 11, 12]))
+
+    runner = threading.Thread(target=next_task)
+    try:
+        first = pipeline.run(
+            [0, 1, 2, 3],
+            entered=lambda: (entered.set(), runner.start()),  # type: ignore[func-returns-value]
+        )
+        runner.join(timeout=30)
+    finally:
+        pipeline.close()
+    assert entered.is_set()
+    assert [r.block_id for r in first] == [0, 1, 2, 3] and all(r.error is None for r in first)
+    assert [r.block_id for r in second] == [10, 11, 12] and all(r.error is None for r in second)
+    assert events.index(("read", 10)) < events.index(("write", 3))  # no drain in between
+    assert most <= 3  # one group read ahead, one in the forward, one being written
+
+
 def test_task_sizes_auto_and_forced():
     forced = TaskSizer(5)
     assert forced.size(remaining=1000) == 5
@@ -264,7 +317,7 @@ def test_task_sizes_auto_and_forced():
     small.observe(gpu)
     big.observe(gpu)
     # the scheduler handles every worker's tasks: tasks get longer on a bigger cluster
-    assert small.size(remaining=10**6) == 5 and big.size(remaining=10**6) == 41
+    assert small.size(remaining=10**6) == 5 and big.size(remaining=10**6) == 410
 
 
 @pytest.mark.parametrize(

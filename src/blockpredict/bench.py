@@ -266,68 +266,78 @@ def bench_device(folder: Path, device_ms: float, quick: bool, repeats: int) -> d
 def bench_simulated_cluster(
     folder: Path, workers: int, device_ms: float, repeats: int, seconds: float = 8.0
 ) -> list[dict[str, Any]]:
-    """Dispatch rate of N in-process workers with a simulated device, against N / device time.
+    """Dispatch rate of N simulated worker processes, against N / device time.
 
-    The real runner, scheduler and worker pipeline; only the device and the storage are
-    simulated (see :class:`~blockpredict.benchmodes.SimulatedDevice`).
+    The real runner, scheduler and worker pipeline, each worker a process of its own;
+    only the device and the storage are simulated (see
+    :class:`~blockpredict.simulate.SimulatedDevice`). Workers are added in steps
+    (N/4, N/2, N) to one scheduler.
     """
     from distributed import Client, LocalCluster
 
-    from .benchmodes import SimulatedDevice
     from .config import ExecutionConfig, load_workflow
     from .job import Job
     from .ledger import Ledger
     from .runner import run
+    from .simulate import SimulatedDevice, SimulatedWorkers
     from .storage import OutputInfo
     from .workflow import prepare_workflow
 
     sub = folder / "simulate"
     sub.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in sorted({max(1, workers // 4), max(1, workers // 2), workers}):
-        ideal = n * 1000 / device_ms
-        side = max(4, round((ideal * seconds) ** (1 / 3)))  # seconds of work at the ideal rate
-        _cube(sub / "in.zarr" / "raw", 16 * side)  # metadata only: nothing is read
-        model = {"factory": "blockpredict.bench:trivial_model", "kwargs": {"size": 16}}
-        prepared = prepare_workflow(load_workflow(_workflow(sub, model)))
-        plan = prepared.plan
-        where = str(sub / "out.zarr" / "sim")  # its event log and ledger; no image is written
-        output = OutputInfo(where, plan.output_roi, plan.output_voxel_size, "float32", 1)
-        job = Job(plan, prepared.input, "none", output, model=None)
-        rates = []
-        with (
-            LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=False,
-                protocol="tcp://",
-                host="127.0.0.1",
-                dashboard_address=":0",
-                memory_limit=0,  # one process: each worker would see all of it as its own
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            for i in range(repeats):
-                ledger = Ledger.create(str(sub / f"ledger-{n}-{i}"), {"bench": i}, plan.num_blocks)
-                report = run(
-                    client,
-                    job,
-                    ledger,
-                    ExecutionConfig(),
-                    progress=False,
-                    plugin=SimulatedDevice(job, device_ms),
+    with (
+        LocalCluster(
+            n_workers=0,
+            processes=False,
+            protocol="tcp://",
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        pool = SimulatedWorkers(cluster.scheduler_address)
+        try:
+            for n in sorted({max(1, workers // 4), max(1, workers // 2), workers}):
+                pool.grow(n)
+                ideal = n * 1000 / device_ms
+                side = max(4, round((ideal * seconds) ** (1 / 3)))  # seconds at the ideal rate
+                _cube(sub / "in.zarr" / "raw", 16 * side)  # metadata only: nothing is read
+                model = {"factory": "blockpredict.bench:trivial_model", "kwargs": {"size": 16}}
+                prepared = prepare_workflow(load_workflow(_workflow(sub, model)))
+                plan = prepared.plan
+                where = str(sub / "out.zarr" / "sim")  # its event log and ledger; no image
+                output = OutputInfo(where, plan.output_roi, plan.output_voxel_size, "float32", 1)
+                job = Job(plan, prepared.input, "none", output, model=None)
+                rates, steady = [], []
+                for i in range(repeats):
+                    ledger = Ledger.create(
+                        str(sub / f"ledger-{n}-{i}"), {"bench": i}, plan.num_blocks
+                    )
+                    report = run(
+                        client,
+                        job,
+                        ledger,
+                        ExecutionConfig(),
+                        progress=False,
+                        plugin=SimulatedDevice(device_ms),
+                    )
+                    rates.append(report.blocks_processed / report.wall_seconds)
+                    loop = report.wall_seconds - report.setup_seconds
+                    steady.append(report.blocks_processed / max(loop, 1e-9))
+                rate = statistics.median(rates)
+                rows.append(
+                    {
+                        "workers": n,
+                        "blocks": plan.num_blocks,
+                        "blocks_per_s": rate,
+                        "steady_blocks_per_s": statistics.median(steady),
+                        "ideal": ideal,
+                        "of_ideal": rate / ideal,
+                    }
                 )
-                rates.append(report.blocks_processed / report.wall_seconds)
-        rate = statistics.median(rates)
-        rows.append(
-            {
-                "workers": n,
-                "blocks": plan.num_blocks,
-                "blocks_per_s": rate,
-                "ideal": ideal,
-                "of_ideal": rate / ideal,
-            }
-        )
+        finally:
+            pool.close()
     return rows
 
 

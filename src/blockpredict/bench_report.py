@@ -75,7 +75,8 @@ def _simulated(results: dict[str, Any]) -> list[str]:
         )
     for r in results.get("simulated_cluster", []):
         lines.append(
-            f"simulated cluster: {r['workers']:>4} in-process workers  {r['blocks']} blocks  "
-            f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f})"
+            f"simulated cluster: {r['workers']:>4} workers  {r['blocks']} blocks  "
+            f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f}); "
+            f"{r['steady_blocks_per_s']:.0f} blocks/s once the workers are ready"
         )
     return lines

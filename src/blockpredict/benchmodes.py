@@ -16,15 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from funlib.geometry import Coordinate
 
 from .architectures import WrappedArchitecture
 from .environment import ALLOCATOR_ENV
 from .model import Model
-from .pipeline import Pipeline
-from .worker import ModelPlugin, _finished, _started
 
 
 class Sleep(torch.nn.Module):
@@ -193,34 +190,3 @@ def dask_array(workflow: Path, cores: int) -> dict[str, Any]:
     return _json_of(
         [sys.executable, "-c", DASK_ARRAY, str(workflow), str(cores)], cwd=workflow.parent
     )
-
-
-class SimulatedDevice(ModelPlugin):
-    """The worker's real pipeline with a simulated device and no storage: forward sleeps ``ms``.
-
-    With every worker in one process, zarr's single I/O loop would be the limit,
-    not the scheduler; without I/O the dispatch rate is what is measured.
-    """
-
-    def __init__(self, job: Any, ms: float) -> None:
-        super().__init__(job)
-        self.ms = ms
-
-    def setup(self, worker: Any) -> None:
-        self.worker_name = str(worker.name)
-        self.model = torch.nn.Identity()
-        empty = np.zeros((1, 1), np.float32)
-
-        def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
-            time.sleep(self.ms / 1000 * len(batch))
-            return batch
-
-        self.pipeline = Pipeline(
-            lambda block_id: empty,
-            forward,
-            lambda block_id, prediction: None,
-            self.job.batch_size,
-            self.worker_name,
-            started=_started,
-            finished=_finished,
-        )

@@ -29,12 +29,19 @@ ALLOCATOR_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "17179869184",
 }
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Dask's statistical profiler samples every worker thread each 10 ms; a task that secedes
+# (every task does: see tasks.py) ends its thread, which races the sampler into a logged
+# KeyError. The dashboard's Profile tab stays empty; the blockpredict page shows the phases.
+# Batch jobs get it as a variable; a nanny sends its own Dask config to its worker, so
+# local clusters get it as config (nanny_environment).
+DASK_ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+DASK_CONFIG = {"distributed.worker.profile.enabled": False}
 PRE_SPAWN = "distributed.nanny.pre-spawn-environ"
 
 
 def worker_environment(threads: int, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     """Allocator and thread variables for a worker whose torch uses ``threads`` threads."""
-    env = dict(ALLOCATOR_ENV)
+    env = {**ALLOCATOR_ENV, **DASK_ENV}
     env.update(dict.fromkeys(THREAD_VARS, str(max(1, threads))))
     env.update(overrides or {})
     return env
@@ -42,14 +49,15 @@ def worker_environment(threads: int, overrides: Mapping[str, str] | None = None)
 
 @contextmanager
 def nanny_environment(env: Mapping[str, str]) -> Iterator[None]:
-    """Nannies created inside this block start their workers with ``env``.
+    """Nannies created inside this block start their workers with ``env`` (and
+    ``DASK_CONFIG``).
 
     The nanny reads ``pre-spawn-environ`` when it is created and again for each
     restart, from the values it captured then, so a worker restarted after a
     hung block gets the same environment.
     """
     merged = {**dask.config.get(PRE_SPAWN, {}), **env}
-    with dask.config.set({PRE_SPAWN: merged}):
+    with dask.config.set({PRE_SPAWN: merged, **DASK_CONFIG}):
         yield
 
 

@@ -7,11 +7,12 @@ describe a run without importing the worker side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .config import ModelConfig, Scaling
-from .plan import BlockPlan
-from .storage import InputInfo, OutputInfo
+if TYPE_CHECKING:  # annotations only: the task module and the pipeline stay light to import
+    from .config import ModelConfig, Scaling
+    from .plan import BlockPlan
+    from .storage import InputInfo, OutputInfo
 
 Precision = Literal["fp32", "fp16", "bf16"]
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
-from distributed import Client, as_completed, wait
-from distributed.client import FuturesCancelledError
+from distributed import Client, WorkerPlugin, as_completed
 
 from .config import ExecutionConfig
 from .errors import BlockpredictError
@@ -37,18 +36,14 @@ from .plan import morton_order
 from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
 from .sizing import TaskSizer
+from .tasks import PLUGIN_NAME, kill_this_worker, process_blocks, running_blocks
 from .words import plural
-from .worker import (
-    PLUGIN_NAME,
-    ModelPlugin,
-    kill_this_worker,
-    process_blocks,
-    running_blocks,
-)
+from .worker import ModelPlugin
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_S = 0.002  # how often the loop looks for finished tasks while none has come
 
 
 class WorkerSetupError(BlockpredictError, RuntimeError):
@@ -88,7 +83,9 @@ class Dispatcher:
         self.attempts: dict[int, int] = {}
         self.owner: dict[str, list[int]] = {}
         self.task_of: dict[int, object] = {}  # block id -> its future, while in flight
-        self.futures = as_completed()
+        # results come to the client as tasks finish, fetched in the background: the loop
+        # never waits on a round trip to a worker for one task's result
+        self.futures = as_completed(with_results=True, raise_errors=False)
         self.token = uuid.uuid4().hex[:8]
         self.submitted = 0  # tasks so far: every task gets a key of its own
         self.first_outcomes: list[str | None] = []
@@ -130,14 +127,15 @@ class Dispatcher:
         self.taken += len(ids)
         return ids
 
-    def collect(self, future) -> None:  # type: ignore[no-untyped-def]
+    def collect(self, future, result: object) -> None:  # type: ignore[no-untyped-def]
+        """One finished task and its result (fetched by ``as_completed``)."""
         ids = self.owner.pop(future.key, None)
         if ids is None:  # cancelled after a timeout: already accounted for
             return
         for i in ids:
             self.task_of.pop(i, None)
         if future.status == "finished":
-            results: list[BlockResult] = future.result()
+            results: list[BlockResult] = result  # type: ignore[assignment]
         else:  # the whole task failed: a lost worker, a deserialization error, ...
             error = describe(future.exception()) if future.status == "error" else future.status
             results = [BlockResult(i, error=error) for i in ids]
@@ -192,13 +190,15 @@ class Dispatcher:
             result.error,
         )
 
-    def wait_any(self, timeout: float) -> None:
-        """Block until a task finishes or ``timeout`` passes (signals and timeouts get a turn)."""
-        try:
-            live = [self.task_of[ids[0]] for ids in self.owner.values()]  # none cancelled
-            wait(live, timeout=timeout, return_when="FIRST_COMPLETED")
-        except (TimeoutError, FuturesCancelledError):
-            pass
+    def finished_tasks(self, timeout: float) -> list[tuple[object, object]]:
+        """The tasks finished so far, with their results; waits up to ``timeout`` for one
+        (signals and timeouts get a turn in between)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            done = self.futures.next_batch(block=False)
+            if done or not self.owner or time.perf_counter() >= deadline:
+                return done
+            time.sleep(POLL_S)
 
     def check_timeouts(self) -> None:
         """Fail blocks running longer than ``block_timeout``; restart their workers."""
@@ -265,7 +265,7 @@ class Loading:
         return time.perf_counter() - self.started
 
 
-def start_loading(client: Client, plugin: ModelPlugin) -> Loading:
+def start_loading(client: Client, plugin: WorkerPlugin) -> Loading:
     """Register the model plugin on a thread of its own and return at once.
 
     Workers import torch and load the model while the client goes on (creating
@@ -292,7 +292,7 @@ def run(
     execution: ExecutionConfig,
     progress: bool = True,
     expected_threads: int = 0,
-    plugin: ModelPlugin | None = None,
+    plugin: WorkerPlugin | None = None,
     loading: Loading | None = None,
 ) -> RunReport:
     """Process every pending block of ``job.plan`` on ``client``'s workers.
@@ -333,9 +333,9 @@ def run(
                 if now >= next_timeout_check:
                     d.check_timeouts()
                     next_timeout_check = now + 1.0
-                done = d.futures.next_batch(block=False)
-                for future in done:
-                    d.collect(future)
+                done = d.finished_tasks(timeout=0.2)
+                for future, result in done:
+                    d.collect(future, result)
                 error = d.failing_fast()
                 if error and d.stop_reason is None:
                     d.stop_reason = "fail-fast"
@@ -344,8 +344,6 @@ def run(
                 d.submit_more(window)
                 ledger.flush(every=2.0)
                 observer.tick()
-                if not done and d.owner:
-                    d.wait_any(timeout=0.2)
         finally:
             observer.tick()
             ledger.flush()
@@ -378,7 +376,7 @@ def watchers(
     return Observers(observers)
 
 
-def _register(client: Client, plugin: ModelPlugin) -> None:
+def _register(client: Client, plugin: WorkerPlugin) -> None:
     """Load the model on every worker; a model that fails to load stops the run here."""
     results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
     for worker, result in results.items():

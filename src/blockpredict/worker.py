@@ -12,29 +12,23 @@ import logging
 import math
 import os
 import re
-import signal
-import time
 from typing import Any
 
 import numpy as np
 import torch
-from distributed import WorkerPlugin, get_worker, secede
+from distributed import WorkerPlugin
 from funlib.geometry import Roi
 
 from .build import build_model, place
 from .config import ModelConfig
 from .forward import Forward
-from .job import BlockResult, Job, describe  # noqa: F401 (Job, describe: old import path)
+from .job import Job
 from .pipeline import Pipeline, group_size
 from .precision import unsupported
 from .storage import BlockReader, BlockWriter
+from .tasks import PLUGIN_NAME, mark_running, mark_stopped
 
 logger = logging.getLogger(__name__)
-
-PLUGIN_NAME = "blockpredict"
-
-# block id -> time.time() when this worker process started it (for block_timeout)
-_RUNNING: dict[int, float] = {}
 
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
@@ -58,6 +52,7 @@ class ModelPlugin(WorkerPlugin):
     def __init__(self, job: Job) -> None:
         self.job = job
         self.model: torch.nn.Module | None = None
+        self.pipeline: Pipeline | None = None
 
     def setup(self, worker: Any) -> None:
         job = self.job
@@ -86,8 +81,8 @@ class ModelPlugin(WorkerPlugin):
             self.write,
             job.batch_size,
             self.worker_name,
-            started=_started,
-            finished=_finished,
+            started=mark_running,
+            finished=mark_stopped,
             group=group_size(
                 4 * job.input.num_channels * math.prod(job.plan.read_shape), job.batch_size
             ),
@@ -97,7 +92,7 @@ class ModelPlugin(WorkerPlugin):
         logger.info("worker %s: model on %s (pid %d)", worker.name, self.device, os.getpid())
 
     def teardown(self, worker: Any) -> None:
-        if getattr(self, "pipeline", None) is not None:
+        if self.pipeline is not None:
             self.pipeline.close()
         self.model = None
         if torch.cuda.is_available():
@@ -164,43 +159,3 @@ def _compact_runs(block_ids: list[int], grid: tuple[int, ...]) -> list[list[int]
             runs.append([block_id])
             lo = hi = index[k]
     return runs
-
-
-def _started(block_id: int) -> None:
-    _RUNNING[block_id] = time.time()
-
-
-def _finished(block_id: int) -> None:
-    _RUNNING.pop(block_id, None)
-
-
-def process_blocks(block_ids: list[int]) -> list[BlockResult]:
-    """The Dask task: adjacent blocks through this worker's pipeline.
-
-    A block that raises is reported in its result, so the others of the task
-    still count and only that block is retried. Once the pipeline's reader has
-    taken the task's last group, the task secedes from the worker's thread
-    pool: the worker starts its next task, whose blocks queue behind these, so
-    the stages never drain between tasks.
-    """
-    plugin = get_worker().plugins[PLUGIN_NAME]
-    assert plugin.model is not None, "ModelPlugin.setup did not run"
-    try:
-        return plugin.pipeline.run(block_ids, entered=secede)
-    finally:
-        for block_id in block_ids:
-            _RUNNING.pop(block_id, None)
-
-
-def kill_this_worker() -> None:
-    """End this worker process at once (a hung block cannot be stopped otherwise).
-
-    A nanny notices and starts a fresh worker, which loads the model again.
-    """
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def running_blocks() -> dict[int, float]:
-    """Seconds each block in progress on this worker has run (asked by the runner)."""
-    now = time.time()
-    return {block_id: now - start for block_id, start in list(_RUNNING.items())}
