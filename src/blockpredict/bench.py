@@ -309,11 +309,12 @@ def bench_simulated_cluster(
                 where = str(sub / "out.zarr" / "sim")  # its event log and ledger; no image
                 output = OutputInfo(where, plan.output_roi, plan.output_voxel_size, "float32", 1)
                 job = Job(plan, prepared.input, "none", output, model=None)
-                rates, steady = [], []
+                rates, steady, cpu = [], [], []
                 for i in range(repeats):
                     ledger = Ledger.create(
                         str(sub / f"ledger-{n}-{i}"), {"bench": i}, plan.num_blocks
                     )
+                    cpu0 = time.process_time()  # this process: the scheduler and the client
                     report = run(
                         client,
                         job,
@@ -322,6 +323,7 @@ def bench_simulated_cluster(
                         progress=False,
                         plugin=SimulatedDevice(device_ms),
                     )
+                    cpu.append((time.process_time() - cpu0) / max(1, report.blocks_processed))
                     rates.append(report.blocks_processed / report.wall_seconds)
                     loop = report.wall_seconds - report.setup_seconds
                     steady.append(report.blocks_processed / max(loop, 1e-9))
@@ -334,6 +336,10 @@ def bench_simulated_cluster(
                         "steady_blocks_per_s": statistics.median(steady),
                         "ideal": ideal,
                         "of_ideal": rate / ideal,
+                        # CPU of the scheduler and the client per block: the rate at which
+                        # they would take a whole core, whatever the workers' machines
+                        "scheduler_cpu_ms_per_block": 1000 * statistics.median(cpu),
+                        "scheduler_limit_blocks_per_s": 1 / max(statistics.median(cpu), 1e-9),
                     }
                 )
         finally:

@@ -79,4 +79,8 @@ def _simulated(results: dict[str, Any]) -> list[str]:
             f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f}); "
             f"{r['steady_blocks_per_s']:.0f} blocks/s once the workers are ready"
         )
+        lines.append(
+            f"  scheduler and client: {r['scheduler_cpu_ms_per_block']:.2f} ms of CPU per block, "
+            f"a whole core at {r['scheduler_limit_blocks_per_s']:.0f} blocks/s"
+        )
     return lines

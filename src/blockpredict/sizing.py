@@ -21,7 +21,9 @@ from .job import BlockResult
 
 OVERHEAD = 0.02  # the per-task cost, as a share of the task's time
 TASK_COST_S = 0.005  # scheduler round trip and client handling per task
-SCHEDULER_TASK_S = 0.01  # what one task costs the scheduler and the client (measured here: about 60 tasks/s with 32 simulated workers on 2 cores)
+# what one task costs the scheduler and the client, for any worker's task (measured here:
+# about 60 tasks/s with 32 simulated workers on 2 cores)
+SCHEDULER_TASK_S = 0.01
 SCHEDULER_SHARE = 0.25  # of the scheduler's time the run's tasks may take
 MAX_BLOCKS_PER_TASK = 4096
 SHARES_AT_THE_END = 2  # tasks per worker that what is left is split into
