@@ -196,3 +196,23 @@ def test_python_api(tmp_path, cluster_address):
     )
     expected = reference(model, volume, Roi((0, 0, 0), (80, 80, 80)), Coordinate(2, 2, 2), plan)
     assert max_abs_diff(got, expected) <= 1e-4
+
+
+def test_the_command_line_imports_no_torch_dask_or_zarr_until_used(tmp_path):
+    """`blockpredict --version`, `--help` and a bad path answer without the heavy imports."""
+    code = (
+        "import sys, blockpredict.cli\n"
+        "print(sorted(m for m in ('torch', 'distributed', 'dask', 'zarr', 'funlib.persistence')"
+        " if m in sys.modules))\n"
+        "from blockpredict import predict, Model\n"  # the package's names still import
+        "print(predict.__name__, Model.__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "predict Model"]
+    missing = cli("predict", "nope.yaml", cwd=tmp_path)
+    assert missing.returncode == 2
+    lines = missing.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: workflow file not found"), lines

@@ -47,7 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-NOISY = ("distributed", "dask", "bokeh", "tornado", "botocore", "aiobotocore", "s3fs", "werkzeug")
+NOISY = (
+    "distributed",
+    "dask",
+    "bokeh",
+    "tornado",
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "werkzeug",
+    # imported on first use, after logging is set up: "NumExpr defaulting to ...", and
+    # torch's "FakeTensor cache stats" at exit after a Ctrl-C stopped its import
+    "numexpr",
+    "torch._subclasses",
+)
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
@@ -194,7 +207,6 @@ def _workflow_args(parser: argparse.ArgumentParser) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from .config import load_workflow
-    from .workflow import predict_workflow
 
     overrides = list(args.overrides)
     if args.progress_interval is not None:
@@ -204,6 +216,8 @@ def _predict(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, overrides)
     if args.report:
         check_report_path(args.report)
+    from .workflow import predict_workflow  # torch, zarr and Dask: after the cheap checks
+
     report = predict_workflow(workflow, progress=not args.no_progress)
     print(report.summary(), file=sys.stderr)
     if args.report:

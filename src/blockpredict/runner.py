@@ -43,7 +43,7 @@ from .worker import ModelPlugin
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-POLL_S = 0.002  # how often the loop looks for finished tasks while none has come
+POLL_S = 0.005  # how often the loop looks for finished tasks while none has come
 
 
 class WorkerSetupError(BlockpredictError, RuntimeError):

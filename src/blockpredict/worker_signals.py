@@ -23,9 +23,10 @@ PRELOAD = __name__  # the module's name: a Dask preload that every worker proces
 
 
 def worker_preloads() -> list[str]:
-    """The workers' preloads: the user's Dask config, then this module."""
+    """The workers' preloads: the user's Dask config, then this module and
+    :mod:`~blockpredict.worker_exit` (a closed worker leaves without the teardown)."""
     configured = dask.config.get("distributed.worker.preload", []) or []
-    return [*configured, PRELOAD]
+    return [*configured, PRELOAD, "blockpredict.worker_exit"]
 
 
 def dask_setup(worker: Any) -> None:
