@@ -34,8 +34,11 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # KeyError. The dashboard's Profile tab stays empty; the blockpredict page shows the phases.
 # Batch jobs get it as a variable; a nanny sends its own Dask config to its worker, so
 # local clusters get it as config (nanny_environment).
-DASK_ENV = {"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
 DASK_CONFIG = {"distributed.worker.profile.enabled": False}
+DASK_ENV = {  # the same settings as Dask reads them from the environment
+    "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+    for key, value in DASK_CONFIG.items()
+}
 PRE_SPAWN = "distributed.nanny.pre-spawn-environ"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from distributed import WorkerPlugin
 
+from .environment import DASK_CONFIG
 from .pipeline import Pipeline
 from .tasks import PLUGIN_NAME, mark_running, mark_stopped
 
@@ -106,7 +107,7 @@ async def _serve(address: str, names: list[str]) -> None:
     from distributed import Worker
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    dask.config.set({"distributed.worker.profile.enabled": False})  # as blockpredict's workers
+    dask.config.set(DASK_CONFIG)  # as the workers blockpredict starts
 
     workers = [
         Worker(address, nthreads=1, name=name, memory_limit=0, dashboard=False) for name in names

@@ -45,9 +45,9 @@ def process_blocks(block_ids: list[int]) -> list[BlockResult]:
     assert plugin.pipeline is not None, "the plugin's setup did not run"
     try:
         return plugin.pipeline.run(block_ids, entered=secede)
-    finally:
+    finally:  # whatever happened, none of them runs any more
         for block_id in block_ids:
-            _RUNNING.pop(block_id, None)
+            mark_stopped(block_id)
 
 
 def kill_this_worker() -> None:
