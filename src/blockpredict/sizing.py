@@ -64,5 +64,8 @@ class TaskSizer:
         )
         wanted = math.ceil(seconds / steady)
         share = math.ceil(remaining / (SHARES_AT_THE_END * max(1, self.workers)))
-        blocks = max(1, min(wanted, share, MAX_BLOCKS_PER_TASK))
+        # near the end tasks shrink, but never below what keeps the per-task cost small:
+        # a worker waiting a round trip for each tiny task idles more than it balances
+        floor = math.ceil(TASK_COST_S / OVERHEAD / steady)
+        blocks = max(1, min(max(min(wanted, share), floor), MAX_BLOCKS_PER_TASK))
         return math.ceil(blocks / self.batch_size) * self.batch_size  # whole batches
