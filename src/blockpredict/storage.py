@@ -23,12 +23,13 @@ from funlib.persistence import open_ds
 from zarr.core.sync import sync
 
 from . import ome
+from .boxes import joined, tiles
 from .config import Scaling
 from .errors import InputError, OutputExistsError
 from .layout import Image, OutputInfo
 from .metadata import spatial_metadata
 from .pyramid import downsample
-from .stores import check_container, is_url, join, remove, zarr_store
+from .stores import check_container, is_url, join, open_array, remove, zarr_store
 from .stores import exists as store_exists
 
 logger = logging.getLogger(__name__)
@@ -197,10 +198,8 @@ class BlockReader:
     @property
     def array(self) -> zarr.Array:
         if self._array is None:
-            store = zarr_store(
-                self.info.path, self.info.storage_options, True, self.info.cache_bytes
-            )
-            self._array = zarr.open_array(store, mode="r")
+            info = self.info
+            self._array = open_array(info.path, info.storage_options, "r", info.cache_bytes)
         return self._array
 
     def read(self, roi: Roi) -> np.ndarray:
@@ -343,8 +342,7 @@ class BlockWriter:
 
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
-            store = zarr_store(path, self.info.storage_options)
-            self._arrays[path] = zarr.open_array(store, mode="r+")
+            self._arrays[path] = open_array(path, self.info.storage_options, "r+")
         return self._arrays[path]
 
     def write(self, roi: Roi, prediction: np.ndarray) -> None:
@@ -352,10 +350,19 @@ class BlockWriter:
             array[where] = data
 
     def write_many(self, blocks: list[tuple[Roi, np.ndarray]]) -> None:
-        """Several blocks' predictions in one call: zarr writes all their chunks
-        concurrently, with one hand-off to its I/O loop instead of one per block.
+        """Several blocks' predictions in one call: the blocks that fill a box are joined
+        and written with one zarr call per box (and per image and level), and zarr
+        writes every box concurrently, with one hand-off to its I/O loop.
         On an error some blocks may be written and others not (writing again is safe)."""
-        pieces = [p for roi, prediction in blocks for p in self._pieces(roi, prediction)]
+        pieces = []
+        for members in tiles([roi for roi, _ in blocks]):
+            each = [self._pieces(*blocks[i]) for i in members]
+            for k, (array, _, _) in enumerate(each[0]):  # every image and level
+                box = joined([p[k][1] for p in each], [p[k][2] for p in each])
+                if len(each) > 1 and box is not None:
+                    pieces.append((array, *box))
+                else:
+                    pieces += [p[k] for p in each]
 
         async def write_all() -> None:
             await asyncio.gather(*(a.async_array.setitem(w, d) for a, w, d in pieces))

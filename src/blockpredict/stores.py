@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,29 @@ def zarr_store(
 
         store = ChunkCache(store, cache_bytes)
     return store
+
+
+# zarrs (Rust) encodes, decodes and writes a call's chunks in parallel, outside the
+# interpreter: about 0.2 ms per chunk where zarr-python's pipeline takes 1.5 (README)
+FAST_PIPELINE = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
+
+
+def open_array(
+    path: str | Path, options: Options = None, mode: str = "r", cache_bytes: int = 0
+) -> Any:
+    """A zarr array of a worker's block I/O: on a local disk through zarrs' codec pipeline.
+
+    zarrs reads local stores itself; arrays it cannot handle (a rare codec, a
+    data type) fall back to zarr's own pipeline, as do stores behind a URL.
+    """
+    import zarr
+
+    store = zarr_store(path, options, mode == "r", cache_bytes)
+    if not isinstance(store, str):
+        return zarr.open_array(store, mode=mode)  # type: ignore[arg-type]
+    with warnings.catch_warnings(), zarr.config.set(FAST_PIPELINE):
+        warnings.filterwarnings("ignore", "Array is unsupported by ZarrsCodecPipeline")
+        return zarr.open_array(store, mode=mode)  # type: ignore[arg-type]
 
 
 def filesystem(url: str, options: Options = None) -> tuple[Any, str]:
