@@ -246,12 +246,47 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
     assert written == {i: 2.0 * i for i in (0, 1, 2, 4, 6, 8, 9, 11, 12)}
     assert all(r.error is None for r in again)
     assert not running  # every block was let go, failed or not
-    # block_timeout's clock restarts at the forward: a block read ahead is not charged for waiting
-    assert starts.count(0) == 2 and starts.count(3) == 1  # 3 never reached its forward
+    # block_timeout's clock runs per stage (read, forward, write): waiting is not charged
+    assert starts.count(0) == 3 and starts.count(3) == 1  # 3 never reached its forward
     # groups of 3 batches of 4: one read call for 0..9 (fails: 3), then one for 11, 12
     assert grouped_reads == (
         [[*range(10)], [11, 12]] if group > 1 else [[*range(4)], [*range(4, 8)], [8, 9], [11, 12]]
     )
+
+
+def test_only_the_hanging_block_is_charged_while_its_group_waits():
+    """block_timeout blames the block that hangs: its group's other blocks, read and
+    forwarded but waiting for the group's write, are not running meanwhile."""
+    hang, hanging = threading.Event(), threading.Event()
+    running: dict[int, int] = {}
+
+    def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+        if batch[0][0, 0] == 1:
+            hanging.set()
+            hang.wait(timeout=30)
+        return batch
+
+    def started(block_id: int) -> None:
+        running[block_id] = running.get(block_id, 0) + 1
+
+    pipeline = Pipeline(
+        lambda i: np.full((1, 2), float(i), np.float32),
+        forward,
+        lambda i, y: None,
+        group=4,  # one group of four blocks, one forward each
+        started=started,
+        finished=lambda i: running.pop(i, None),
+    )
+    worker = threading.Thread(target=pipeline.run, args=([0, 1, 2, 3],))
+    try:
+        worker.start()
+        assert hanging.wait(timeout=30)
+        assert set(running) == {1}  # 0 is done with its forward, 2 and 3 wait for theirs
+    finally:
+        hang.set()
+        worker.join(timeout=30)
+        pipeline.close()
+    assert not running
 
 
 def test_the_next_task_enters_the_pipeline_before_the_last_one_drains():

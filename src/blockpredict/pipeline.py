@@ -23,10 +23,11 @@ error and the others go on; a batch whose forward raises is retried one block
 at a time so only the culprit fails. A block counts as done only when its
 write returned (the runner's ledger rule).
 
-``started(block_id)`` is called when a block's read begins and again when its
-forward begins, ``finished(block_id)`` after its write (or failure): the worker
-times blocks from these for ``block_timeout``, so a block read ahead is not
-charged for the forward it waits for.
+``started(block_id)`` is called when a stage begins work on a block (its read,
+its forward, its write) and ``finished(block_id)`` when that stage is done with
+it: the worker times blocks from these for ``block_timeout``, so only the stage
+at work is charged, never a block that waits (read ahead, or written with its
+group once the group's last forward returns, behind a block that hangs).
 
 The stages reach storage only through callables, ``read(block_id)`` and
 ``write(block_id, prediction)`` and, for a group at once, ``read_many`` and
@@ -185,6 +186,8 @@ class Pipeline:
             if group.last:
                 group.ticket.entered.set()  # the next task may enter while this group is read
             group.blocks = self._guarded(group, self._read)
+            for b in group.blocks:  # read: waiting for the forward is not running
+                self.finished(b.block_id)
             self._to_forward.put(group)
         self._to_forward.put(None)
 
@@ -246,7 +249,7 @@ class Pipeline:
         ready = [b for b in blocks if b.error is None]
         if not ready:
             return
-        for b in ready:  # block_timeout counts from here: waiting for the forward is not running
+        for b in ready:
             self.started(b.block_id)
         t0 = time.perf_counter()
         try:
@@ -255,18 +258,22 @@ class Pipeline:
             if len(ready) == 1:
                 ready[0].error, ready[0].data = describe(e), None
                 ready[0].compute = time.perf_counter() - t0
-                return
-            for b in ready:  # find the block that fails: one forward each
-                self._forward_batch([b])
-            return
-        share = (time.perf_counter() - t0) / len(ready)
-        for b, y in zip(ready, outputs, strict=True):
-            b.data, b.compute = y, share
+            else:
+                for b in ready:  # find the block that fails: one forward each
+                    self._forward_batch([b])
+        else:
+            share = (time.perf_counter() - t0) / len(ready)
+            for b, y in zip(ready, outputs, strict=True):
+                b.data, b.compute = y, share
+        for b in ready:  # waiting for the rest of its group and the write is not running
+            self.finished(b.block_id)
 
     def _write(self, group: _Group) -> list[_Block]:
         blocks = group.blocks
         ready = [b for b in blocks if b.error is None]
         if self.write_many is not None and len(ready) > 1:
+            for b in ready:
+                self.started(b.block_id)
             t0 = time.perf_counter()
             try:
                 self.write_many([b.block_id for b in ready], [b.data for b in ready])  # type: ignore[misc]
@@ -278,6 +285,7 @@ class Pipeline:
                     b.done, b.write = True, share
         for block in blocks:
             if block.error is None and not block.done:
+                self.started(block.block_id)  # one at a time: each block's own clock
                 t0 = time.perf_counter()
                 try:
                     self.write(block.block_id, block.data)  # type: ignore[arg-type]
