@@ -77,7 +77,7 @@ def _simulated(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"simulated cluster: {r['workers']:>4} workers  {r['blocks']} blocks  "
             f"{r['blocks_per_s']:.0f} blocks/s of {r['ideal']:.0f} ideal ({r['of_ideal']:.2f}); "
-            f"{r['steady_blocks_per_s']:.0f} blocks/s once the workers are ready"
+            f"{r['steady_blocks_per_s']:.0f} blocks/s over the middle 80% of the blocks"
         )
         lines.append(
             f"  scheduler and client: {r['scheduler_cpu_ms_per_block']:.2f} ms of CPU per block, "
