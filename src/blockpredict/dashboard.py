@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 PAGE = "blockpredict"
 REFRESH_MS = 1000
 MAP_SIDE = 420  # pixels of the block map's longer side
+RATE_FORMAT = "0.[00]a"  # numbro: 1068680 -> 1.07m, 250000 -> 250k, 0.5 -> 0.5
 
 # the pages open in a browser now: document id -> (document, its refresh)
 _PAGES: dict[int, tuple[Any, Callable[[], None]]] = {}
@@ -140,9 +141,9 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         active=[],
     )
     rates = ColumnDataSource({"time": [], "blocks": [], "voxels": []})
-    voxels = figure(title="output voxels/s", x_axis_type="datetime", width=520, height=230)
+    voxels = _rate_figure("output voxels/s")
     voxels.line("time", "voxels", source=rates, line_width=2)
-    blocks = figure(title="blocks/s", x_axis_type="datetime", width=520, height=230)
+    blocks = _rate_figure("blocks/s")
     blocks.line("time", "blocks", source=rates, line_width=2, color="#ff7f0e")
     phases = ColumnDataSource({"phase": ["read", "compute (forward)", "write"], "seconds": [0] * 3})
     phase_plot = figure(
@@ -221,6 +222,22 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     )
     update()
     doc.add_periodic_callback(update, REFRESH_MS)
+
+
+def _rate_figure(title: str) -> Any:
+    """A rate over time, from 0 up, in plain numbers: 1.07m, 250k, 0.5 (never 1.06868e+6)."""
+    from bokeh.models import DataRange1d, NumeralTickFormatter
+    from bokeh.plotting import figure
+
+    rate = figure(
+        title=title,
+        x_axis_type="datetime",
+        y_range=DataRange1d(start=0),  # a steady rate reads as steady, not as noise
+        width=520,
+        height=230,
+    )
+    rate.yaxis.formatter = NumeralTickFormatter(format=RATE_FORMAT)
+    return rate
 
 
 def show_final(timeout: float = 3.0) -> None:
