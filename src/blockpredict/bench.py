@@ -85,7 +85,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from blockpredict.config import load_workflow
 from blockpredict.ledger import Ledger, ledger_path
-from blockpredict.plan import morton_order
+from blockpredict.order import morton_order
 from blockpredict.storage import prepare_output
 from blockpredict.workflow import prepare_workflow
 w = load_workflow(sys.argv[1])

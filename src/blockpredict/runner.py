@@ -27,7 +27,7 @@ from .ledger import DONE, FAILED, Ledger
 from .live import LiveState, publish
 from .loading import Loading, start_loading
 from .observe import Observers, RunObserver
-from .plan import morton_order
+from .order import morton_order
 from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
 from .signals import stop_on_signals
