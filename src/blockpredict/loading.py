@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from distributed import Client, WorkerPlugin
+from distributed.comm import CommClosedError
 
 from .errors import BlockpredictError
 from .job import describe
@@ -58,13 +59,22 @@ def start_loading(client: Client, plugin: WorkerPlugin) -> Loading:
 
 def _register(client: Client, plugin: WorkerPlugin) -> None:
     """Load the model on every worker; a model that fails to load stops the run here."""
-    results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
-    for worker, result in results.items():
+    try:
+        results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
+    except CommClosedError:  # the scheduler went away: not the model's fault
+        raise
+    except Exception as e:  # distributed re-raises the first worker's error as it is
+        raise _setup_error("a worker", describe(e)) from e
+    for worker, result in results.items():  # older distributed: an error in the reply
         if isinstance(result, dict) and result.get("status") == "error":
             error = result.get("exception")
             text = describe(error) if isinstance(error, BaseException) else str(error)
-            raise WorkerSetupError(
-                f"the model could not be loaded on worker {worker}: {text}",
-                "model",
-                "check that the workers can import and load the model",
-            )
+            raise _setup_error(f"worker {worker}", text)
+
+
+def _setup_error(where: str, text: str) -> WorkerSetupError:
+    return WorkerSetupError(
+        f"the model could not be loaded on {where}: {text}",
+        "model",
+        "check that the workers can import and load the model",
+    )
