@@ -30,3 +30,23 @@ def test_bench_quick_prints_figures(tmp_path):
     assert all(r["blocks_per_s"] > 0 and r["steady_blocks_per_s"] > 0 for r in figures["dispatch"])
     assert 0 < figures["device"]["busy"] <= 1.0
     assert [r["workers"] for r in figures["simulated_cluster"]] == [1, 2]
+
+
+def test_bench_replaces_its_cubes_without_funlib_noise(tmp_path):
+    """The simulated cluster makes input cubes of growing size in one folder."""
+    result = subprocess.run(
+        [sys.executable, "-m", "blockpredict.cli", "bench", "--quick", "--only", "cluster"]
+        + ["--simulate-workers", "4", "--dir", str(tmp_path / "bench")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("simulated cluster:") == 3, result.stdout  # 1, 2 and 4 workers
+    noise = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "Shapes differ" in line or "Existing dataset" in line
+    ]
+    assert not noise, noise

@@ -35,6 +35,7 @@ from blockpredict.build import build_model
 from blockpredict.config import ClusterConfig, load_workflow
 from blockpredict.errors import ConfigError
 from blockpredict.jobqueue import job_script, lifetime_args, parse_walltime
+from blockpredict.submit import driver_script
 from blockpredict.workflow import prepare_workflow
 
 TESTBED = Path(__file__).parents[1] / "cluster" / "testbed"
@@ -298,12 +299,50 @@ def test_workers_that_never_arrive_time_out_with_the_reason(tmp_path, slurm):
 
 
 @pytest.mark.parametrize("kind", ["slurm", "lsf", "pbs", "sge"])
-def test_ready_to_edit_configs_render(kind):
+def test_ready_to_edit_configs_render(kind, tmp_path, monkeypatch):
     import yaml
 
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
     section = yaml.safe_load((TESTBED.parent / f"{kind}.yaml").read_text())["cluster"]
+    assert section["jobqueue"]["log_directory"] == "~/blockpredict-logs"
     script = job_script(ClusterConfig.model_validate(section))
     assert "--nworkers 4" in script and "gpu" in script and "--lifetime" in script
+    # ~/blockpredict-logs is in the home folder, never a folder named '~' here
+    assert f"{home}/blockpredict-logs/" in script
+    assert (home / "blockpredict-logs").is_dir()
+    assert list(here.iterdir()) == []
+
+
+def test_worker_and_driver_jobs_expand_home_in_their_folders(tmp_path, monkeypatch):
+    from blockpredict.config import validate_workflow
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    section = {
+        "type": "slurm",
+        "jobqueue": {"memory": "1GB", "log_directory": "~/logs", "local_directory": "~/scratch"},
+    }
+    lines = job_script(ClusterConfig.model_validate(section)).splitlines()
+    assert f"#SBATCH -e {home}/logs/blockpredict-worker-%J.err" in lines
+    assert f"--local-directory {home}/scratch" in lines[-1]
+    workflow = validate_workflow(
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "x:y"},
+            "output": {"container": "out.zarr"},
+            "cluster": section,
+        }
+    )
+    script, logs = driver_script(here / "w.yaml", workflow, [], here / "r.json")
+    assert logs == home / "logs" and logs.is_dir()
+    assert f"#SBATCH -e {home}/logs/blockpredict-%J.err" in script.splitlines()
+    assert "~" not in script
+    assert list(here.iterdir()) == []
 
 
 def test_workers_retired_at_their_lifetime_are_replaced(tmp_path, slurm):

@@ -18,6 +18,7 @@ import pytest
 from conftest import make_input, on_workers, write_factory, write_workflow
 
 import blockpredict
+from blockpredict.dashboard import build_document
 from blockpredict.events import read_events
 from blockpredict.live import STATE_COLORS
 
@@ -25,7 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 SRC = str(Path(blockpredict.__file__).resolve().parents[1])
 DONE_RGB = tuple(int(STATE_COLORS[2][i : i + 2], 16) for i in (1, 3, 5))
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason="Debian's chromium is not installed here (.ci/run installs it with apt as root)",
 )
@@ -164,6 +165,7 @@ def check_our_page(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-
     assert done_count(page.evaluate(PAGE_TEXT)) > first  # live
 
 
+@needs_chromium
 def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
     """... and with --dashboard-linger, the page shows the final state after the run, until
     Ctrl-C, which ends the process with the run's exit code."""
@@ -209,6 +211,7 @@ def test_our_page_in_the_dashboard_of_a_local_run(tmp_path, browser):
     assert "Traceback" not in "".join(run.lines)
 
 
+@needs_chromium
 def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser, cluster_address):
     cluster = on_workers(cluster_address, tmp_path)  # the shared workers find slow_page.py
     run = Run(tmp_path, setup_run(tmp_path, cluster))
@@ -223,3 +226,18 @@ def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser
     assert code == 1, "".join(run.lines)
     text = browser.evaluate(PAGE_TEXT)  # the open tab kept the final state
     assert "blockpredict: ended" in text and "done 63/64" in text, text
+
+
+def test_rates_read_as_plain_numbers_from_zero():
+    """Not 1.06868e+6: Bokeh's default formatter goes scientific from 1e5 (the voxel rate)."""
+    from bokeh.document import Document
+    from bokeh.models import NumeralTickFormatter, Plot
+
+    doc = Document()
+    build_document(doc, lambda: None)
+    titles = {p.title.text: p for p in doc.select({"type": Plot}) if p.title is not None}
+    for title in ("output voxels/s", "blocks/s"):
+        (formatter,) = [axis.formatter for axis in titles[title].yaxis]
+        assert isinstance(formatter, NumeralTickFormatter), (title, formatter)
+        assert formatter.format == "0.[00]a"  # numbro: 1068680 -> 1.07m, 0.5 -> 0.5
+        assert titles[title].y_range.start == 0

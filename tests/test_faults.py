@@ -29,6 +29,7 @@ from conftest import (
 
 from blockpredict.config import load_workflow
 from blockpredict.errors import BlockpredictError
+from blockpredict.loading import WorkerSetupError
 from blockpredict.workflow import predict_workflow
 
 SHAPE = (34, 34, 34)  # output ROI 32^3: 4 x 4 x 4 = 64 blocks of 8^3
@@ -106,6 +107,34 @@ def test_changed_geometry_is_refused_unless_overwrite(setup, cluster_address):
     no_resume = ["execution.resume=false"]
     with pytest.raises(BlockpredictError, match="output dataset exists"):
         predict_workflow(load_workflow(path, no_resume), progress=False)
+
+
+UNLOADABLE = """
+import multiprocessing
+from slow import build as build_here
+
+def build(**kwargs):
+    if multiprocessing.parent_process() is not None:  # a worker process, not the client
+        raise FileNotFoundError("weights.pt is not on this node")
+    return build_here(**kwargs)
+"""
+
+
+def test_a_model_that_fails_to_load_on_the_workers_stops_before_any_block(setup, cluster_address):
+    tmp_path, _ = setup
+    (tmp_path / "unloadable.py").write_text(UNLOADABLE)  # a name of its own: workers cache it
+    path = workflow(tmp_path, on_workers(cluster_address, tmp_path))
+    path.write_text(path.read_text().replace("slow:build", "unloadable:build"))
+    try:
+        with pytest.raises(WorkerSetupError) as error:
+            predict_workflow(load_workflow(path), progress=False)
+    finally:
+        sys.modules.pop("unloadable", None)
+    message = str(error.value)  # one line, exit code 2, and what the worker said
+    assert message.startswith("the model could not be loaded on a worker: "), message
+    assert "FileNotFoundError: weights.pt is not on this node" in message
+    assert message.endswith("(model): check that the workers can import and load the model")
+    assert ledger_done(tmp_path) == 0
 
 
 def test_fail_fast_stops_a_run_whose_blocks_all_fail(setup, cluster_address):

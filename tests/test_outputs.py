@@ -370,7 +370,7 @@ def test_roi_offset_outside_zero_keeps_translation(tmp_path, cluster_address):
 
 
 def test_output_grid_defaults():
-    from blockpredict.plan import output_grid
+    from blockpredict.output_grid import output_grid
 
     write = Coordinate(16, 16, 8)
     v2 = output_grid(write, None, None, sharded=False)

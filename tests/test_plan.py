@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockpredict.errors import GeometryError
+from blockpredict.order import morton_order
 from blockpredict.plan import make_plan
 
 
@@ -187,3 +188,16 @@ def test_a_clipped_or_snapped_output_roi_is_reported_per_axis():
     assert "at the end by (1, 1) world units = (0.5, 0.5) voxels" in warning
     padded = make_plan(**args, requested_roi=Roi((-4, 0), (20, 20)), border="pad")
     assert "clipped to the input ROI [0:100, 0:100]" in padded.warnings[0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    st.sampled_from([1, 3, 1 << 16]),
+)
+def test_morton_order_visits_every_block_once_neighbours_first(grid, batch):
+    ids = list(morton_order(grid, batch=batch))
+    assert sorted(ids) == list(range(int(np.prod(grid))))
+    if min(grid) >= 2:  # the first 2^dims blocks are the corner cube of the grid
+        corner = {int(np.ravel_multi_index(i, grid)) for i in np.ndindex(*(2,) * len(grid))}
+        assert set(ids[: 2 ** len(grid)]) == corner

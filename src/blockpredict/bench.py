@@ -7,6 +7,7 @@ and reports medians, so runs on a noisy shared machine stay comparable.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,9 +47,15 @@ def trivial_model(size: int = 8) -> Model:
 
 
 def _cube(path: Path, size: int, data: np.ndarray | int | None = None) -> None:
-    """A uint8 zarr cube at voxel size 1; without ``data`` only its metadata is written."""
+    """A uint8 zarr cube at voxel size 1; without ``data`` only its metadata is written.
+
+    A cube already at ``path`` is removed first: ``mode="w"`` would replace it anyway,
+    and funlib.persistence would log the mismatch ("Shapes differ ...") on the way.
+    """
     from funlib.persistence import prepare_ds
 
+    if path.exists():
+        shutil.rmtree(path)
     array = prepare_ds(
         str(path),
         shape=(size, size, size),
@@ -78,7 +85,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from blockpredict.config import load_workflow
 from blockpredict.ledger import Ledger, ledger_path
-from blockpredict.plan import morton_order
+from blockpredict.order import morton_order
 from blockpredict.storage import prepare_output
 from blockpredict.workflow import prepare_workflow
 w = load_workflow(sys.argv[1])

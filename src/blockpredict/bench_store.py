@@ -20,7 +20,8 @@ from funlib.geometry import Coordinate
 
 from .cache import DEFAULT_BYTES
 from .loopback import LoopbackProxy
-from .plan import make_plan, morton_order
+from .order import morton_order
+from .plan import make_plan
 from .storage import BlockReader, open_input
 
 KEYS = {"key": "bench", "secret": "bench"}

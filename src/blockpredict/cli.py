@@ -157,7 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         "--device-ms", type=float, help="also run a simulated device whose forward sleeps D ms"
     )
     bench.add_argument(
-        "--simulate-workers", type=int, help="dispatch rate of N in-process simulated workers"
+        "--simulate-workers",
+        type=int,
+        metavar="N",
+        help="dispatch rate of N/4, N/2 and N simulated workers "
+        "(separate processes of 8 workers each, no storage)",
     )
     bench.add_argument(
         "--simulate-ms",

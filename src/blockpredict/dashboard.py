@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 PAGE = "blockpredict"
 REFRESH_MS = 1000
 MAP_SIDE = 420  # pixels of the block map's longer side
+RATE_FORMAT = "0.[00]a"  # numbro: 1068680 -> 1.07m, 250000 -> 250k, 0.5 -> 0.5
 
 # the pages open in a browser now: document id -> (document, its refresh)
 _PAGES: dict[int, tuple[Any, Callable[[], None]]] = {}
@@ -91,6 +92,7 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         CheckboxGroup,
         ColumnDataSource,
         CustomJSHover,
+        DataRange1d,
         DataTable,
         Div,
         HoverTool,
@@ -140,9 +142,13 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         active=[],
     )
     rates = ColumnDataSource({"time": [], "blocks": [], "voxels": []})
-    voxels = figure(title="output voxels/s", x_axis_type="datetime", width=520, height=230)
+    voxels, blocks = (
+        figure(title=t, x_axis_type="datetime", y_range=DataRange1d(start=0), width=520, height=230)
+        for t in ("output voxels/s", "blocks/s")
+    )  # from 0, so a steady rate reads as steady; 1.07m, 250k, 0.5, never 1.06868e+6
+    for rate in (voxels, blocks):
+        rate.yaxis.formatter = NumeralTickFormatter(format=RATE_FORMAT)
     voxels.line("time", "voxels", source=rates, line_width=2)
-    blocks = figure(title="blocks/s", x_axis_type="datetime", width=520, height=230)
     blocks.line("time", "blocks", source=rates, line_width=2, color="#ff7f0e")
     phases = ColumnDataSource({"phase": ["read", "compute (forward)", "write"], "seconds": [0] * 3})
     phase_plot = figure(

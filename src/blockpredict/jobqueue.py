@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ STATUS_COMMANDS = {
     "sge": ["qstat", "-j"],
 }
 DEFAULT_DIR = Path("~/.blockpredict")
+# folders the user may write as ~/...: neither dask-jobqueue nor the batch header expands them
+USER_PATHS = ("log_directory", "local_directory", "shared_temp_directory")
 GPU_PRELOAD = "blockpredict.gpu_preload"
 
 
@@ -71,10 +74,18 @@ def accepted_options(cls: type) -> set[str]:
     return names
 
 
+def expand_user_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """The options with ``~`` expanded in their folders (``~/logs``, never a folder named ``~``)."""
+    return {
+        k: os.path.expanduser(str(v)) if k in USER_PATHS and v is not None else v
+        for k, v in options.items()
+    }
+
+
 def cluster_options(config: ClusterConfig) -> dict[str, Any]:
     """dask-jobqueue keyword arguments: the user's, plus GPUs, lifetime, TLS and logs."""
     cls = cluster_class(config.type)
-    options = dict(config.jobqueue)
+    options = expand_user_paths(config.jobqueue)
     known = accepted_options(cls)
     for key in options:
         if key not in known:

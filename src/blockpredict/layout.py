@@ -15,7 +15,8 @@ from funlib.geometry import Coordinate, Roi
 
 from .config import OutputConfig
 from .errors import ConfigError
-from .plan import BlockPlan, output_grid
+from .output_grid import output_grid
+from .plan import BlockPlan
 from .stores import join
 
 

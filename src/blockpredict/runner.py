@@ -11,43 +11,34 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 from distributed import Client, WorkerPlugin, as_completed
 
 from .config import ExecutionConfig
-from .errors import BlockpredictError
 from .events import EventLog, events_path
 from .job import BlockResult, Job, describe
 from .ledger import DONE, FAILED, Ledger
 from .live import LiveState, publish
+from .loading import Loading, start_loading
 from .observe import Observers, RunObserver
-from .plan import morton_order
+from .order import morton_order
 from .progress import Progress
 from .report import FailedBlock, PhaseTimes, RunReport
+from .signals import stop_on_signals
 from .sizing import TaskSizer
-from .tasks import PLUGIN_NAME, kill_this_worker, process_blocks, running_blocks
+from .tasks import kill_this_worker, process_blocks, running_blocks
 from .words import plural
 from .worker import ModelPlugin
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.005  # how often the loop looks for finished tasks while none has come
-
-
-class WorkerSetupError(BlockpredictError, RuntimeError):
-    """The model could not be loaded on a worker (before any block ran)."""
 
 
 class Dispatcher:
@@ -252,39 +243,6 @@ class Dispatcher:
         self.task_of.clear()
 
 
-@dataclass
-class Loading:
-    """The model being loaded on the workers (:func:`start_loading`), and since when."""
-
-    started: float
-    done: Future[None]
-
-    def wait(self) -> float:
-        """Until every worker holds the model (or raise its error); seconds since the start."""
-        self.done.result()
-        return time.perf_counter() - self.started
-
-
-def start_loading(client: Client, plugin: WorkerPlugin) -> Loading:
-    """Register the model plugin on a thread of its own and return at once.
-
-    Workers import torch and load the model while the client goes on (creating
-    the output, the ledger): start-up work overlaps instead of adding up.
-    """
-    loading = Loading(time.perf_counter(), Future())
-
-    def register() -> None:
-        try:
-            _register(client, plugin)
-        except BaseException as e:  # noqa: BLE001 (carried to whoever waits)
-            loading.done.set_exception(e)
-        else:
-            loading.done.set_result(None)
-
-    threading.Thread(target=register, name="blockpredict-load", daemon=True).start()
-    return loading
-
-
 def run(
     client: Client,
     job: Job,
@@ -318,7 +276,7 @@ def run(
     d.sizer.workers = max(len(workers), expected_threads)
     grace_end = math.inf
     next_timeout_check = time.perf_counter()
-    with _stop_on_signals(d):
+    with stop_on_signals(d):
         d.submit_more(window)
         try:
             while d.owner:
@@ -374,65 +332,3 @@ def watchers(
     if progress:
         observers.append(Progress(execution.progress_interval))
     return Observers(observers)
-
-
-def _register(client: Client, plugin: WorkerPlugin) -> None:
-    """Load the model on every worker; a model that fails to load stops the run here."""
-    results = client.register_plugin(plugin, name=PLUGIN_NAME) or {}
-    for worker, result in results.items():
-        if isinstance(result, dict) and result.get("status") == "error":
-            error = result.get("exception")
-            text = describe(error) if isinstance(error, BaseException) else str(error)
-            raise WorkerSetupError(
-                f"the model could not be loaded on worker {worker}: {text}",
-                "model",
-                "check that the workers can import and load the model",
-            )
-
-
-@contextmanager
-def _stop_on_signals(dispatcher: Dispatcher) -> Iterator[None]:
-    """SIGINT/SIGTERM: stop submitting, let in-flight blocks finish (grace period)."""
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if dispatcher.stop_reason is None:
-            logger.warning(
-                "%s: finishing the running blocks, then stopping (again to stop at once)", name
-            )
-            dispatcher.stop_reason = name
-        elif not dispatcher.stop_now:
-            logger.warning("%s again: stopping at once", name)
-            dispatcher.stop_now = True
-
-    try:
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    except ValueError:  # not the main thread: leave signals alone
-        previous = {}
-    try:
-        yield
-    finally:
-        stopped = dispatcher.stop_reason in ("SIGINT", "SIGTERM")
-        for s, h in previous.items():  # after a stop, the cluster closes in peace
-            signal.signal(s, _closing if stopped else h)
-
-
-def _closing(signum: int, frame: object) -> None:
-    logger.warning("%s: already stopping, closing the cluster", signal.Signals(signum).name)
-
-
-@contextmanager
-def signals_restored() -> Iterator[None]:
-    """Give SIGINT/SIGTERM back their handlers when the run and its cluster are over."""
-    try:
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    except ValueError:
-        previous = {}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            try:
-                signal.signal(s, h)  # type: ignore[arg-type]
-            except ValueError:  # not the main thread
-                break

@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import Workflow
 from .environment import export_lines, worker_environment
 from .errors import ConfigError
-from .jobqueue import cluster_class
+from .jobqueue import cluster_class, expand_user_paths
 
 # worker-only options that must not shape the driver job
 WORKER_ONLY = {
@@ -65,9 +65,9 @@ def driver_script(
             "cluster.type",
             "use slurm, lsf, pbs or sge (or run blockpredict predict)",
         )
-    options = {k: v for k, v in config.jobqueue.items() if k not in WORKER_ONLY}
+    options = expand_user_paths({k: v for k, v in config.jobqueue.items() if k not in WORKER_ONLY})
     log_directory = Path(options.pop("log_directory", workflow_path.parent / "blockpredict-logs"))
-    log_directory = log_directory.expanduser().resolve()
+    log_directory = log_directory.resolve()
     job_cls = cluster_class(config.type).job_cls
     # the driver job plans and writes the ledger: the workers' allocator, one thread
     options["job_script_prologue"] = [

@@ -1,7 +1,7 @@
 """Worker processes of the clusters blockpredict starts ignore SIGINT, first ones and restarts.
 
 Ctrl-C in a terminal signals the whole process group; the driver alone decides how a
-run stops (see the runner), so workers must not die of it. Workers started while the
+run stops (see :mod:`.signals`), so workers must not die of it. Workers started while the
 driver ignores SIGINT inherit that (across exec), but the nanny restarts a worker
 (after a ``block_timeout`` kill, or a crash) later, when the driver handles SIGINT
 again. So every worker process also runs this module as a Dask preload, which ignores

@@ -284,7 +284,9 @@ def execute(
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
     from .dashboard import install, linger, page_url, show_final
-    from .runner import run, signals_restored, start_loading
+    from .loading import start_loading
+    from .runner import run
+    from .signals import signals_restored
     from .worker import ModelPlugin
 
     out = prepared.output
