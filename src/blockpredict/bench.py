@@ -283,11 +283,10 @@ def bench_simulated_cluster(
     from distributed import Client, LocalCluster
 
     from .config import ExecutionConfig, load_workflow
-    from .events import events_path
     from .job import Job
     from .ledger import Ledger
     from .runner import run
-    from .simulate import SimulatedDevice, SimulatedWorkers
+    from .simulate import SimulatedDevice, SimulatedWorkers, forward_ends
     from .storage import OutputInfo
     from .workflow import prepare_workflow
 
@@ -333,15 +332,17 @@ def bench_simulated_cluster(
                     )
                     cpu.append((time.process_time() - cpu0) / max(1, report.blocks_processed))
                     rates.append(report.blocks_processed / report.wall_seconds)
-                    steady.append(_middle_rate(events_path(where)))
+                    ends = client.run(forward_ends)  # every process's simulated forwards
+                    steady.append(_middle_rate([t for e in ends.values() for t in e]))
                 rate = statistics.median(rates)
                 rows.append(
                     {
                         "workers": n,
                         "blocks": plan.num_blocks,
                         "blocks_per_s": rate,
-                        # the middle 80% of the blocks: without the first results' round
-                        # trips and the last tasks' tail, which do not grow with the run
+                        # the middle 80% of the blocks, timed where the devices finished them:
+                        # without the first results' round trips and the last tasks' tail,
+                        # which do not grow with the run
                         "steady_blocks_per_s": statistics.median(steady),
                         "ideal": ideal,
                         "of_ideal": rate / ideal,
@@ -356,21 +357,11 @@ def bench_simulated_cluster(
     return rows
 
 
-def _middle_rate(events: str) -> float:
-    """Blocks/s between the times the last run had finished 10% and 90% of its blocks."""
-    from .events import read_events
-
-    times: list[float] = []
-    for event in read_events(events):
-        if event["event"] == "run_started":
-            times = []
-        elif event["event"] == "block_finished":
-            times.append(event["time"])
-    times.sort()
-    lo, hi = len(times) // 10, len(times) * 9 // 10
-    if hi <= lo or times[hi] <= times[lo]:
-        return 0.0
-    return (hi - lo) / (times[hi] - times[lo])
+def _middle_rate(ends: list[float]) -> float:
+    """Blocks/s between the times the devices had finished 10% and 90% of the blocks."""
+    ends = sorted(ends)
+    lo, hi = len(ends) // 10, len(ends) * 9 // 10
+    return (hi - lo) / (ends[hi] - ends[lo]) if hi > lo and ends[hi] > ends[lo] else 0.0
 
 
 def run_bench(

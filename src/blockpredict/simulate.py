@@ -25,6 +25,18 @@ from .environment import DASK_CONFIG
 from .pipeline import Pipeline
 from .tasks import PLUGIN_NAME, mark_running, mark_stopped
 
+# when each simulated forward of this process ended: the bench's steady rate, from the
+# devices' side (the client sees a task's blocks only together, when its result arrives)
+_ENDS: list[float] = []
+
+
+def forward_ends() -> list[float]:
+    """The end times of this process's simulated forwards since the last call (for
+    ``client.run``: the first worker of a process asked takes them all)."""
+    ends = _ENDS[:]
+    del _ENDS[: len(ends)]
+    return ends
+
 
 class SimulatedDevice(WorkerPlugin):
     """The worker's pipeline with a forward that sleeps ``ms`` per block."""
@@ -42,6 +54,7 @@ class SimulatedDevice(WorkerPlugin):
 
         def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
             time.sleep(ms / 1000 * len(batch))
+            _ENDS.extend([time.time()] * len(batch))
             return batch
 
         self.pipeline = Pipeline(
