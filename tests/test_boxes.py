@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockpredict.boxes import joined, tiles
-from blockpredict.plan import morton_order
+from blockpredict.order import morton_order
 
 GRID = (5, 6, 7)
 SIZE = (4, 3, 2)  # a block's shape in world units

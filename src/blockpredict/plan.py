@@ -117,12 +117,20 @@ class BlockPlan:
 
     def block(self, block_id: int) -> Block:
         index = self.block_index(block_id)
-        begin, end, write, context, read = self._ints
+        offset, shape, read_offset = self.block_box(block_id, index)
+        write_roi = Roi(offset, shape)  # cropped to the output ROI for trailing blocks
+        return Block(block_id, index, Roi(read_offset, self._ints[4]), write_roi)
+
+    def block_box(
+        self, block_id: int, index: tuple[int, ...] | None = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """A block's write offset, write shape and read offset (world units) as plain ints:
+        what :meth:`block` holds as ROIs, for a worker's per-block arithmetic."""
+        index = index or self.block_index(block_id)
+        begin, end, write, context, _ = self._ints
         offset = tuple(b + i * w for b, i, w in zip(begin, index, write, strict=True))
         shape = tuple(min(o + w, e) - o for o, w, e in zip(offset, write, end, strict=True))
-        write_roi = Roi(offset, shape)  # cropped to the output ROI for trailing blocks
-        read_roi = Roi(tuple(o - c for o, c in zip(offset, context, strict=True)), read)
-        return Block(block_id, index, read_roi, write_roi)
+        return offset, shape, tuple(o - c for o, c in zip(offset, context, strict=True))
 
     def blocks(self) -> Iterator[Block]:
         """All blocks, lazily, in id order."""

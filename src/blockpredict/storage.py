@@ -339,6 +339,13 @@ class BlockWriter:
     def __init__(self, info: OutputInfo) -> None:
         self.info = info
         self._arrays: dict[str, zarr.Array] = {}
+        # plain ints for the per-block arithmetic (funlib's costs ~10 us per operation)
+        self._origin = tuple(int(v) for v in info.roi.offset)
+        self._level_sizes = {
+            (image.path, level.name): tuple(int(v) for v in level.voxel_size)
+            for image in info.images
+            for level in image.levels
+        }
 
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
@@ -374,12 +381,14 @@ class BlockWriter:
     ) -> list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]:
         """(array, selection, data) of every image and level a block writes."""
         info, pieces = self.info, []
+        offset = [int(o) - g for o, g in zip(roi.offset, self._origin, strict=True)]
         for image in info.images:
             lo, hi = image.channels
             data = convert(prediction[lo:hi], image.dtype, info.range)
             for level in image.levels:
                 down = downsample(data, level.factor)
-                begin = (roi.offset - info.roi.offset) / level.voxel_size
+                size = self._level_sizes[image.path, level.name]
+                begin = [o // v for o, v in zip(offset, size, strict=True)]
                 where = tuple(slice(b, b + s) for b, s in zip(begin, down.shape[1:], strict=True))
                 array = self.array(join(image.path, level.name))
                 pieces.append((array, (slice(None), *where), down))

@@ -65,6 +65,10 @@ class ModelPlugin(WorkerPlugin):
             raise RuntimeError(f"execution.precision {job.precision}: {reason}")
         model = build_model(job.model) if isinstance(job.model, ModelConfig) else job.model
         self.model = place(model, self.device)
+        # the geometry a worker computes with for every block, as plain ints
+        self._read_shape = tuple(int(v) for v in job.plan.read_size)
+        self._input_voxel_size = tuple(int(v) for v in job.input.voxel_size)
+        self._output_voxel_size = tuple(int(v) for v in job.plan.output_voxel_size)
         self.reader = BlockReader(job.input, job.normalize)
         self.writer = BlockWriter(job.output)
         self.forward = Forward(
@@ -112,21 +116,18 @@ class ModelPlugin(WorkerPlugin):
         return out
 
     def _read_box(self, block_ids: list[int]) -> list[np.ndarray]:
-        plan, size = self.job.plan, self.job.input.voxel_size
-        rois = [plan.block(i).read_roi for i in block_ids]
-        if len(rois) == 1:
-            return [self.reader.read(rois[0])]
-        box = rois[0]
-        for roi in rois[1:]:
-            box = box.union(roi)
-        data = self.reader.read(box)
-        views = []
-        for roi in rois:
-            begin = (roi.offset - box.offset) / size
-            end = begin + roi.shape / size
-            views.append(
-                data[(slice(None), *(slice(b, e) for b, e in zip(begin, end, strict=True)))]
-            )
+        plan, read = self.job.plan, self._read_shape
+        offsets = [plan.block_box(i)[2] for i in block_ids]  # plain ints: a worker's hot path
+        if len(offsets) == 1:
+            return [self.reader.read(Roi(offsets[0], read))]
+        lo = tuple(map(min, zip(*offsets, strict=True)))
+        hi = tuple(m + r for m, r in zip(map(max, zip(*offsets, strict=True)), read, strict=True))
+        data = self.reader.read(Roi(lo, tuple(h - b for b, h in zip(lo, hi, strict=True))))
+        size, views = self._input_voxel_size, []
+        for offset in offsets:
+            begin = [(o - b) // v for o, b, v in zip(offset, lo, size, strict=True)]
+            ends = [b + r // v for b, r, v in zip(begin, read, size, strict=True)]
+            views.append(data[(slice(None), *map(slice, begin, ends))])
         return views
 
     def write(self, block_id: int, prediction: np.ndarray) -> None:
@@ -139,9 +140,9 @@ class ModelPlugin(WorkerPlugin):
         self.writer.write_many([self._cropped(i, p) for i, p in pairs])
 
     def _cropped(self, block_id: int, prediction: np.ndarray) -> tuple[Roi, np.ndarray]:
-        roi = self.job.plan.block(block_id).write_roi
-        crop = tuple(slice(0, s) for s in roi.shape / self.job.plan.output_voxel_size)
-        return roi, prediction[(slice(None), *crop)]
+        offset, shape, _ = self.job.plan.block_box(block_id)
+        crop = tuple(slice(0, s // v) for s, v in zip(shape, self._output_voxel_size, strict=True))
+        return Roi(offset, shape), prediction[(slice(None), *crop)]
 
 
 def _compact_runs(block_ids: list[int], grid: tuple[int, ...]) -> list[list[int]]:
