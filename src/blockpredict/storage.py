@@ -364,12 +364,12 @@ class BlockWriter:
         pieces = []
         for members in tiles([roi for roi, _ in blocks]):
             each = [self._pieces(*blocks[i]) for i in members]
+            if len(each) == 1:
+                pieces += each[0]
+                continue
             for k, (array, _, _) in enumerate(each[0]):  # every image and level
                 box = joined([p[k][1] for p in each], [p[k][2] for p in each])
-                if len(each) > 1 and box is not None:
-                    pieces.append((array, *box))
-                else:
-                    pieces += [p[k] for p in each]
+                pieces += [(array, *box)] if box is not None else [p[k] for p in each]
 
         async def write_all() -> None:
             await asyncio.gather(*(a.async_array.setitem(w, d) for a, w, d in pieces))

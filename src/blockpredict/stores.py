@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,6 +110,8 @@ def zarr_store(
 # zarrs (Rust) encodes, decodes and writes a call's chunks in parallel, outside the
 # interpreter: about 0.2 ms per chunk where zarr-python's pipeline takes 1.5 (README)
 FAST_PIPELINE = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
+# zarr's config and Python's warning filters are process-wide: one opening at a time
+_OPENING = threading.Lock()
 
 
 def open_array(
@@ -124,7 +127,7 @@ def open_array(
     store = zarr_store(path, options, mode == "r", cache_bytes)
     if not isinstance(store, str):
         return zarr.open_array(store, mode=mode)  # type: ignore[arg-type]
-    with warnings.catch_warnings(), zarr.config.set(FAST_PIPELINE):
+    with _OPENING, warnings.catch_warnings(), zarr.config.set(FAST_PIPELINE):
         warnings.filterwarnings("ignore", "Array is unsupported by ZarrsCodecPipeline")
         return zarr.open_array(store, mode=mode)  # type: ignore[arg-type]
 
