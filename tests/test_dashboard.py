@@ -229,7 +229,8 @@ def test_a_run_on_an_existing_scheduler_serves_the_page_itself(tmp_path, browser
 
 
 def test_rates_read_as_plain_numbers_from_zero():
-    """Not 1.06868e+6: Bokeh's default formatter goes scientific from 1e5 (the voxel rate)."""
+    """Not 1.06868e+6: Bokeh's default formatter goes scientific from 1e5 (the voxel rate);
+    and the time axis reads as clock times on a short run."""
     from bokeh.document import Document
     from bokeh.models import NumeralTickFormatter, Plot
 
@@ -241,3 +242,5 @@ def test_rates_read_as_plain_numbers_from_zero():
         assert isinstance(formatter, NumeralTickFormatter), (title, formatter)
         assert formatter.format == "0.[00]a"  # numbro: 1068680 -> 1.07m, 0.5 -> 0.5
         assert titles[title].y_range.start == 0
+        (clock,) = [axis.formatter for axis in titles[title].xaxis]  # not "500ms" over a date
+        assert clock.milliseconds == "%H:%M:%S.%3N" and clock.context is None

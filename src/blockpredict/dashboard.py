@@ -43,6 +43,7 @@ PAGE = "blockpredict"
 REFRESH_MS = 1000
 MAP_SIDE = 420  # pixels of the block map's longer side
 RATE_FORMAT = "0.[00]a"  # numbro: 1068680 -> 1.07m, 250000 -> 250k, 0.5 -> 0.5
+CLOCK = {"milliseconds": "%H:%M:%S.%3N", "seconds": "%H:%M:%S", "minsec": "%H:%M:%S"}
 
 # the pages open in a browser now: document id -> (document, its refresh)
 _PAGES: dict[int, tuple[Any, Callable[[], None]]] = {}
@@ -94,6 +95,7 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
         CustomJSHover,
         DataRange1d,
         DataTable,
+        DatetimeTickFormatter,
         Div,
         HoverTool,
         LinearColorMapper,
@@ -148,6 +150,8 @@ def build_document(doc: Any, state: Callable[[], LiveState | None]) -> None:
     )  # from 0, so a steady rate reads as steady; 1.07m, 250k, 0.5, never 1.06868e+6
     for rate in (voxels, blocks):
         rate.yaxis.formatter = NumeralTickFormatter(format=RATE_FORMAT)
+        # clock times: a short run's ticks read 09:41:48.500, not "500ms" over a date
+        rate.xaxis.formatter = DatetimeTickFormatter(**CLOCK, context=None)
     voxels.line("time", "voxels", source=rates, line_width=2)
     blocks.line("time", "blocks", source=rates, line_width=2, color="#ff7f0e")
     phases = ColumnDataSource({"phase": ["read", "compute (forward)", "write"], "seconds": [0] * 3})
