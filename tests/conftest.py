@@ -62,6 +62,20 @@ def make_input(
     )[:] = data
 
 
+def workflow_on(cluster: dict[str, Any]) -> Any:
+    """A minimal valid workflow on this cluster section (for job and driver scripts)."""
+    from blockpredict.config import validate_workflow
+
+    return validate_workflow(
+        {
+            "input": {"container": "in.zarr", "dataset": "raw"},
+            "model": {"factory": "x:y"},
+            "output": {"container": "out.zarr"},
+            "cluster": cluster,
+        }
+    )
+
+
 def write_workflow(path: Path, workflow: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(workflow, sort_keys=False))
     return path

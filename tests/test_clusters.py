@@ -26,6 +26,7 @@ from conftest import (
     read_output,
     reference,
     volume_of,
+    workflow_on,
     write_factory,
     write_workflow,
 )
@@ -317,8 +318,6 @@ def test_ready_to_edit_configs_render(kind, tmp_path, monkeypatch):
 
 
 def test_worker_and_driver_jobs_expand_home_in_their_folders(tmp_path, monkeypatch):
-    from blockpredict.config import validate_workflow
-
     home, here = tmp_path / "home", tmp_path / "here"
     here.mkdir()
     monkeypatch.setenv("HOME", str(home))
@@ -330,14 +329,7 @@ def test_worker_and_driver_jobs_expand_home_in_their_folders(tmp_path, monkeypat
     lines = job_script(ClusterConfig.model_validate(section)).splitlines()
     assert f"#SBATCH -e {home}/logs/blockpredict-worker-%J.err" in lines
     assert f"--local-directory {home}/scratch" in lines[-1]
-    workflow = validate_workflow(
-        {
-            "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "x:y"},
-            "output": {"container": "out.zarr"},
-            "cluster": section,
-        }
-    )
+    workflow = workflow_on(section)
     script, logs = driver_script(here / "w.yaml", workflow, [], here / "r.json")
     assert logs == home / "logs" and logs.is_dir()
     assert f"#SBATCH -e {home}/logs/blockpredict-%J.err" in script.splitlines()

@@ -22,6 +22,7 @@ from conftest import (
     max_abs_diff,
     read_output,
     volume_of,
+    workflow_on,
     write_workflow,
 )
 from distributed import Client, LocalCluster
@@ -84,16 +85,8 @@ def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
     assert "export BLOCKPREDICT_EXTRA='a b'" in lines
     # the user's own prologue comes after ours, so it wins
     assert lines.index("export MALLOC_ARENA_MAX=4") > lines.index("export MALLOC_ARENA_MAX=1")
-    from blockpredict.config import validate_workflow
 
-    workflow = validate_workflow(
-        {
-            "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"factory": "x:y"},
-            "output": {"container": "out.zarr"},
-            "cluster": section,
-        }
-    )
+    workflow = workflow_on(section)
     script, _ = driver_script(tmp_path / "w.yaml", workflow, [], tmp_path / "r.json")
     assert "export MALLOC_MMAP_THRESHOLD_=4294967296" in script.splitlines()
     assert "export OMP_NUM_THREADS=1" in script.splitlines()
