@@ -34,7 +34,7 @@ def tiles(rois: Sequence[Roi]) -> list[list[int]]:
 
 
 def _split(members: list[int], boxes: list[Box], out: list[list[int]]) -> None:
-    if _fills(members, boxes):
+    if len(members) == 1 or _filled(members, boxes) is not None:
         out.append(members)
         return
     dims = len(boxes[members[0]][0])
@@ -45,15 +45,13 @@ def _split(members: list[int], boxes: list[Box], out: list[list[int]]) -> None:
     _split([i for i in members if boxes[i][0][axis] >= cut], boxes, out)
 
 
-def _fills(members: list[int], boxes: list[Box]) -> bool:
-    """Whether non-overlapping boxes fill their bounding box (their volumes add up to it)."""
-    if len(members) == 1:
-        return True
+def _filled(members: list[int], boxes: list[Box]) -> Box | None:
+    """The bounding box of non-overlapping boxes, if they fill it (their volumes add up)."""
     dims = len(boxes[members[0]][0])
-    lo = [min(boxes[i][0][d] for i in members) for d in range(dims)]
-    hi = [max(boxes[i][1][d] for i in members) for d in range(dims)]
+    lo = tuple(min(boxes[i][0][d] for i in members) for d in range(dims))
+    hi = tuple(max(boxes[i][1][d] for i in members) for d in range(dims))
     volume = sum(math.prod(e - b for b, e in zip(*boxes[i], strict=True)) for i in members)
-    return volume == math.prod(h - b for b, h in zip(lo, hi, strict=True))
+    return (lo, hi) if volume == math.prod(h - b for b, h in zip(lo, hi, strict=True)) else None
 
 
 def joined(
@@ -67,10 +65,10 @@ def joined(
     """
     spatial = [where[1:] for where in wheres]
     boxes = [(tuple(s.start for s in w), tuple(s.stop for s in w)) for w in spatial]
-    if not _fills(list(range(len(boxes))), boxes):
+    box = _filled(list(range(len(boxes))), boxes)
+    if box is None:
         return None
-    lo = [min(b[0][d] for b in boxes) for d in range(len(boxes[0][0]))]
-    hi = [max(b[1][d] for b in boxes) for d in range(len(boxes[0][0]))]
+    lo, hi = box
     first = pieces[0]
     data = np.empty((first.shape[0], *(h - b for b, h in zip(lo, hi, strict=True))), first.dtype)
     for (begin, end), piece in zip(boxes, pieces, strict=True):

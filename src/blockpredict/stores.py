@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import zarr
 from zarr.storage import FsspecStore
 
 from .errors import InputError
@@ -122,8 +123,6 @@ def open_array(
     zarrs reads local stores itself; arrays it cannot handle (a rare codec, a
     data type) fall back to zarr's own pipeline, as do stores behind a URL.
     """
-    import zarr
-
     store = zarr_store(path, options, mode == "r", cache_bytes)
     if not isinstance(store, str):
         return zarr.open_array(store, mode=mode)  # type: ignore[arg-type]

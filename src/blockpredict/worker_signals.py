@@ -19,6 +19,8 @@ from typing import Any
 
 import dask
 
+from . import worker_exit
+
 PRELOAD = __name__  # the module's name: a Dask preload that every worker process imports
 
 
@@ -26,7 +28,7 @@ def worker_preloads() -> list[str]:
     """The workers' preloads: the user's Dask config, then this module and
     :mod:`~blockpredict.worker_exit` (a closed worker leaves without the teardown)."""
     configured = dask.config.get("distributed.worker.preload", []) or []
-    return [*configured, PRELOAD, "blockpredict.worker_exit"]
+    return [*configured, PRELOAD, worker_exit.PRELOAD]
 
 
 def dask_setup(worker: Any) -> None:
