@@ -35,7 +35,7 @@ from blockpredict.forward import Forward
 from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
-from blockpredict.pipeline import Pipeline
+from blockpredict.pipeline import Pipeline, groups_in_memory
 from blockpredict.precision import TOLERANCE
 from blockpredict.sizing import TaskSizer
 from blockpredict.submit import driver_script
@@ -129,7 +129,9 @@ def test_pipelined_auto_sized_and_batched_runs_equal_one_block_at_a_time(tmp_pat
     one = _unet_run(tmp_path, cluster_address, "one", blocks_per_task=1, batch_size=1)
     auto = _unet_run(tmp_path, cluster_address, "auto")  # the default: auto, pipelined
     many = _unet_run(tmp_path, cluster_address, "many", blocks_per_task=7)
+    io = _unet_run(tmp_path, cluster_address, "io", blocks_per_task=7, io_threads=3)
     assert np.array_equal(one, auto) and np.array_equal(one, many)  # bit for bit
+    assert np.array_equal(one, io)
     batched = _unet_run(tmp_path, cluster_address, "batched", batch_size=4, blocks_per_task=7)
     # torch's CPU convolution picks other kernels for a batch of 4 (3e-8 measured): fp32 rounding
     assert max_abs_diff(one, batched) <= 1e-6
@@ -185,8 +187,8 @@ def test_compile_runs_compiled_or_falls_back_with_one_warning():
         assert np.allclose(y, eager, atol=1e-5)
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
+@pytest.mark.parametrize("group, io_threads", [(1, 1), (3, 1), (1, 3)])
+def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int, io_threads: int):
     written: dict[int, float] = {}
     grouped_reads: list[list[int]] = []
 
@@ -225,6 +227,7 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
         finished=running.discard,
         group=group,
         read_many=read_many,
+        io_threads=io_threads,
     )
     try:
         results = pipeline.run(list(range(10)))
@@ -242,7 +245,7 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int):
     # block_timeout's clock runs per stage (read, forward, write): waiting is not charged
     assert starts.count(0) == 3 and starts.count(3) == 1  # 3 never reached its forward
     # groups of 3 batches of 4: one read call for 0..9 (fails: 3), then one for 11, 12
-    assert grouped_reads == (
+    assert sorted(grouped_reads) == (  # several readers take groups in turn, in any order
         [[*range(10)], [11, 12]] if group > 1 else [[*range(4)], [*range(4, 8)], [8, 9], [11, 12]]
     )
 
@@ -328,6 +331,53 @@ def test_the_next_task_enters_the_pipeline_before_the_last_one_drains():
     assert most <= 3  # one group read ahead, one in the forward, one being written
 
 
+def test_several_io_threads_read_and_write_at_once_within_their_bound():
+    """``io_threads: 3`` (a GPU's default): three reads and three writes run at once around
+    one forward at a time, and at most 2 x 3 + 1 groups hold data."""
+    lock = threading.Lock()
+    now = {"read": 0, "forward": 0, "write": 0, "holding": 0}
+    most = dict.fromkeys(now, 0)
+
+    def enter(stage: str) -> None:
+        with lock:
+            now[stage] += 1
+            most[stage] = max(most[stage], now[stage])
+
+    def leave(stage: str) -> None:
+        with lock:
+            now[stage] -= 1
+
+    def read(block_id: int) -> np.ndarray:
+        enter("read"), enter("holding")
+        time.sleep(0.03)  # I/O slower than the device
+        leave("read")
+        return np.full((1, 2), float(block_id), np.float32)
+
+    def forward(batch: list[np.ndarray]) -> list[np.ndarray]:
+        enter("forward")
+        time.sleep(0.005)
+        leave("forward")
+        return [b * 2 for b in batch]
+
+    written: dict[int, float] = {}
+
+    def write(block_id: int, prediction: np.ndarray) -> None:
+        enter("write")
+        time.sleep(0.03)
+        written[block_id] = float(prediction[0, 0])
+        leave("write"), leave("holding")
+
+    pipeline = Pipeline(read, forward, write, io_threads=3)
+    try:
+        results = pipeline.run(list(range(30)))
+    finally:
+        pipeline.close()
+    assert [r.block_id for r in results] == list(range(30)) and not any(r.error for r in results)
+    assert written == {i: 2.0 * i for i in range(30)}
+    assert most["read"] == 3 and most["write"] == 3 and most["forward"] == 1
+    assert most["holding"] <= groups_in_memory(3) == 7
+
+
 def test_task_sizes_auto_and_forced():
     forced = TaskSizer(5)
     assert forced.size(remaining=1000) == 5
@@ -355,6 +405,7 @@ def test_task_sizes_auto_and_forced():
     "override, phrases",
     [
         ("execution.batch_size=0", ["execution.batch_size", "greater than or equal to 1"]),
+        ("execution.io_threads=0", ["execution.io_threads"]),
         ("execution.precision=fp8", ["execution.precision", "'fp32', 'fp16' or 'bf16'"]),
         ("execution.blocks_per_task=0", ["execution.blocks_per_task"]),
         ("cluster.worker_env={OMP_NUM_THREADS: 4}", ["cluster.worker_env.OMP_NUM_THREADS"]),

@@ -255,6 +255,7 @@ class ExecutionConfig(Strict):
     max_retries: int = Field(2, ge=0)
     blocks_per_task: Literal["auto"] | PositiveInt = "auto"
     batch_size: int = Field(1, ge=1)
+    io_threads: Literal["auto"] | PositiveInt = "auto"  # readers and writers per worker
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     compile: bool = False
     fail_fast: int = Field(10, ge=0)

@@ -24,7 +24,7 @@ class Job:
     ``model`` is either a :class:`ModelConfig` (rebuilt on the worker) or a
     model object passed from Python (serialized once, with the plugin).
     ``batch_size`` blocks share one forward; ``precision`` and ``compile`` say
-    how that forward runs.
+    how that forward runs; ``io_threads`` reader and writer threads feed it.
     """
 
     plan: BlockPlan
@@ -37,6 +37,7 @@ class Job:
     batch_size: int = 1
     precision: Precision = "fp32"
     compile: bool = False
+    io_threads: int | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)

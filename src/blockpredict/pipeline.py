@@ -1,8 +1,11 @@
 """The per-worker stages that overlap: read ahead, one forward at a time, write behind.
 
-A worker holds one :class:`Pipeline` for the whole run, with one thread per
-stage. While group i runs its forwards, group i+1 is read and normalized and
-group i-1 is converted and written. Tasks only feed it: a task's blocks join
+A worker holds one :class:`Pipeline` for the whole run, with one forward thread
+and ``io_threads`` reader and writer threads. While group i runs its forwards,
+group i+1 is read and normalized and group i-1 is converted and written (with
+several I/O threads, the next ``io_threads`` groups are read and the last
+``io_threads`` written at once: a GPU's forward is faster than one reader or
+writer). Tasks only feed it: a task's blocks join
 the queue behind the previous task's, so the stages do not drain between
 tasks. ``entered`` (the worker passes Dask's ``secede``) is called in the
 task's thread once the reader has taken the task's last group: the worker
@@ -12,11 +15,11 @@ forward and write.
 A group is ``group`` whole batches: one batch for large blocks, more for
 small ones, up to about ``GROUP_BYTES`` of input, so tiny blocks are read
 with one storage call per group (``read_many``) instead of one per block.
-At most ``BATCHES_IN_MEMORY`` groups (**three**: one being read, one in the
-forward, one being written) hold data at any time, whatever the volume and
-however many tasks wait: ``3 * batch_size`` blocks for large blocks, about
-``3 * GROUP_BYTES`` of input and its outputs for small ones. One thread
-runs every forward, so there is one forward at a time per device.
+At most ``2 * io_threads + 1`` groups (with one I/O thread each, **three**: one
+being read, one in the forward, one being written) hold data at any time,
+whatever the volume and however many tasks wait: ``3 * batch_size`` blocks for
+large blocks, about ``3 * GROUP_BYTES`` of input and its outputs for small ones.
+One thread runs every forward, so there is one forward at a time per device.
 
 A block that fails (read, forward or write) fails alone: its result carries the
 error and the others go on; a batch whose forward raises is retried one block
@@ -50,7 +53,12 @@ from .job import BlockResult, describe
 
 logger = logging.getLogger(__name__)
 
-BATCHES_IN_MEMORY = 3  # groups: one being read, one in the forward, one being written
+
+def groups_in_memory(io_threads: int) -> int:
+    """Groups that hold data at most: one per reader, one in the forward, one per writer."""
+    return 2 * io_threads + 1
+
+
 GROUP_BYTES = 4 << 20  # input bytes a group of small blocks reads at once
 MAX_GROUP = 64  # blocks per group at most (a task's blocks are Morton-adjacent)
 
@@ -122,6 +130,7 @@ class Pipeline:
         group: int = 1,
         read_many: ReadMany | None = None,
         write_many: WriteMany | None = None,
+        io_threads: int = 1,
     ) -> None:
         self.read = read
         self.read_many = read_many
@@ -136,14 +145,17 @@ class Pipeline:
         self._to_read: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
         self._to_forward: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
         self._to_write: queue.SimpleQueue[_Group | None] = queue.SimpleQueue()
-        self._slots = threading.Semaphore(BATCHES_IN_MEMORY)  # groups holding data
+        self.io_threads = max(1, io_threads)
+        self._slots = threading.Semaphore(groups_in_memory(self.io_threads))  # holding data
+        self._readers_left = self.io_threads  # the last reader to end tells the forward
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
 
     def close(self) -> None:
         """Let the stage threads end (they finish the groups they hold)."""
         if self._threads:
-            self._to_read.put(None)
+            for _ in range(self.io_threads):
+                self._to_read.put(None)
 
     def run(
         self, block_ids: list[int], entered: Callable[[], None] | None = None
@@ -171,31 +183,33 @@ class Pipeline:
         with self._start_lock:
             if self._threads:
                 return
-            for name, loop in (
-                ("read", self._reading),
-                ("forward", self._forwarding),
-                ("write", self._writing),
-            ):
+            stages = [("read", self._reading)] * self.io_threads + [("forward", self._forwarding)]
+            for name, loop in stages + [("write", self._writing)] * self.io_threads:
                 thread = threading.Thread(target=loop, name=f"blockpredict-{name}", daemon=True)
                 thread.start()
                 self._threads.append(thread)
 
     def _reading(self) -> None:
         while (group := self._to_read.get()) is not None:
-            self._slots.acquire()  # at most BATCHES_IN_MEMORY groups hold data
+            self._slots.acquire()  # at most groups_in_memory(io_threads) groups hold data
             if group.last:
                 group.ticket.entered.set()  # the next task may enter while this group is read
             group.blocks = self._guarded(group, self._read)
             for b in group.blocks:  # read: waiting for the forward is not running
                 self.finished(b.block_id)
             self._to_forward.put(group)
-        self._to_forward.put(None)
+        with self._start_lock:
+            self._readers_left -= 1
+            last = self._readers_left == 0
+        if last:
+            self._to_forward.put(None)
 
     def _forwarding(self) -> None:
         while (group := self._to_forward.get()) is not None:
             group.blocks = self._guarded(group, self._forward)
             self._to_write.put(group)
-        self._to_write.put(None)
+        for _ in range(self.io_threads):
+            self._to_write.put(None)
 
     def _writing(self) -> None:
         while (group := self._to_write.get()) is not None:

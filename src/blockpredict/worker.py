@@ -30,6 +30,8 @@ from .tasks import PLUGIN_NAME, mark_running, mark_stopped
 
 logger = logging.getLogger(__name__)
 
+GPU_IO_THREADS = 3  # readers and writers each, per GPU worker (execution.io_threads: auto)
+
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
     """The CPU, or a GPU: a worker that sees one GPU (``CUDA_VISIBLE_DEVICES``, set per worker
@@ -42,6 +44,15 @@ def choose_device(setting: str, worker_name: object) -> torch.device:
     match = re.search(r"(\d+)$", str(worker_name))
     index = int(match.group(1)) if match else 0
     return torch.device("cuda", index % torch.cuda.device_count())
+
+
+def io_threads(setting: int | str, device: torch.device) -> int:
+    """Reader and writer threads of a worker's pipeline: ``auto`` is one each on the CPU,
+    where the forward needs the cores, and ``GPU_IO_THREADS`` each on a GPU, where a
+    forward takes a few ms and one reader and one writer cannot keep up."""
+    if setting != "auto":
+        return int(setting)
+    return GPU_IO_THREADS if device.type == "cuda" else 1
 
 
 class ModelPlugin(WorkerPlugin):
@@ -92,6 +103,7 @@ class ModelPlugin(WorkerPlugin):
             ),
             read_many=self.read_many,
             write_many=self.write_many,
+            io_threads=io_threads(job.io_threads, self.device),
         )
         logger.info("worker %s: model on %s (pid %d)", worker.name, self.device, os.getpid())
 

@@ -303,6 +303,7 @@ def execute(
         batch_size=execution.batch_size,
         precision=execution.precision,
         compile=execution.compile,
+        io_threads=execution.io_threads,
     )
     check_precision(execution.precision, cluster.device, cluster.gpus_per_job > 0)
     install()  # our page, in the dashboard of the scheduler that connect() starts
