@@ -68,14 +68,16 @@ def _cube(path: Path, size: int, data: np.ndarray | int | None = None) -> None:
         array[:] = data
 
 
-def _workflow(folder: Path, model: dict[str, Any], **sections: Any) -> Path:
+def _workflow(
+    folder: Path, model: dict[str, Any], name: str = "workflow.yaml", **sections: Any
+) -> Path:
     workflow = {
         "input": {"container": "in.zarr", "dataset": "raw"},
         "model": model,
         "output": {"container": "out.zarr", "dataset": "pred", "overwrite": True},
         **sections,
     }
-    path = folder / "workflow.yaml"
+    path = folder / name
     path.write_text(yaml.safe_dump(workflow))
     return path
 
@@ -170,64 +172,8 @@ def bench_dispatch(
     return rows
 
 
-# the quick variant: same layers, tiny blocks (28^3 -> 12^3), 2^3 blocks of it
-QUICK_UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
-
-
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
-
-
-def bench_compare(
-    folder: Path, quick: bool, repeats: int, cores: int, k: int | None = None
-) -> dict[str, Any]:
-    """The limit, the engine, a naive loop and dask.array side by side (voxels/s, medians).
-
-    ``k`` blocks per axis (default 4: 64 blocks; quick 2).
-    """
-    from .benchmodes import dask_array, engine, limit, naive
-
-    unet = QUICK_UNET if quick else UNET
-    size_in, size_out, k = (28, 12, k or 2) if quick else (108, 92, k or 4)
-    size = k * size_out + (size_in - size_out)  # k^3 whole blocks
-    sub = folder / "compare"
-    sub.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    _cube(sub / "in.zarr" / "raw", size, rng.integers(0, 255, (size,) * 3, dtype=np.uint8))
-    model = {"unet": unet, "head": {"out_channels": 1}}
-    path = _workflow(sub, model)  # cluster and execution: the defaults
-    blocks, voxels = k**3, (k * size_out) ** 3
-    limits, engines, naives, dasks = [], [], [], []
-    for _ in range(repeats):
-        limits.append(limit(model, blocks, size_out**3, cores))
-        run = engine(path)
-        engines.append(
-            {
-                "wall_s": run["wall_s"],
-                "steady_s": run["report"]["wall_seconds"] - run["report"]["setup_seconds"],
-                "phases": run["report"]["phase_seconds"],
-            }
-        )
-        naives.append(naive(path))
-        dasks.append(dask_array(path, cores))
-    best = max(limits, key=lambda r: r["voxels_per_s"])  # its layouts are printed
-    limit_rate = statistics.median(r["voxels_per_s"] for r in limits)
-    modes = {"limit": {"wall_s": voxels / limit_rate, "steady_s": voxels / limit_rate}}
-    for name, runs in (("engine", engines), ("naive loop", naives), ("dask.array", dasks)):
-        modes[name] = {"wall_s": _median(runs, "wall_s"), "steady_s": _median(runs, "steady_s")}
-    for m in modes.values():
-        m["voxels_per_s"] = voxels / m["wall_s"]
-        m["of_limit_wall"] = m["voxels_per_s"] / limit_rate
-        m["of_limit_steady"] = (voxels / m["steady_s"]) / limit_rate
-    return {
-        "model": f"U-Net {size_in}^3 -> {size_out}^3",
-        "input": f"{size}^3 uint8",
-        "blocks": blocks,
-        "cores": cores,
-        "modes": modes,
-        "limit_layouts": best["layouts"],
-        "engine_phases": engines[-1]["phases"],
-    }
 
 
 def bench_device(folder: Path, device_ms: float, quick: bool, repeats: int) -> dict[str, Any]:
@@ -372,12 +318,16 @@ def run_bench(
     simulate_workers: int | None = None,
     simulate_ms: float = 50.0,
     parts: tuple[str, ...] = ("compare", "startup", "dispatch", "device", "cluster"),
+    compare_device: str = "auto",
 ) -> dict[str, Any]:
     """The figures of ``parts``; ``quick`` shrinks sizes and repeats (for a smoke test).
 
     ``device`` runs only with ``device_ms``, ``cluster`` only with ``simulate_workers``.
+    ``compare_device`` (auto, cpu, cuda: ``--device``) is where the side-by-side part runs.
     """
     import os
+
+    from .bench_compare import bench_compare, bench_device_of
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp:
@@ -389,7 +339,8 @@ def run_bench(
             "repeats": repeats,
         }
         if "compare" in parts:
-            results["compare"] = bench_compare(root, quick, repeats, cores or 1)
+            device = bench_device_of(compare_device)
+            results["compare"] = bench_compare(root, quick, repeats, cores or 1, device)
         if "startup" in parts:
             results["startup"] = bench_startup(root, [1000] if quick else [200, 10_000], repeats)
         if "dispatch" in parts:

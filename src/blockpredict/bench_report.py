@@ -20,15 +20,17 @@ def format_results(results: dict[str, Any]) -> str:
 
 def _compare(results: dict[str, Any]) -> list[str]:
     c = results["compare"]
+    width = max(12, *map(len, c["modes"]))
     lines = [
-        f"side by side: {c['model']} on {c['input']} ({c['blocks']} blocks), {c['cores']} cores, "
-        f"medians of {results['repeats']}:",
-        f"  {'mode':<12} {'wall s':>8} {'M voxels/s':>11} {'of limit (wall)':>16} "
+        f"side by side: {c['model']} on {c['input']} ({c['blocks']} blocks), {c['cores']} cores"
+        + (f", {c['device']}" if c.get("device", "cpu") != "cpu" else "")
+        + f", medians of {results['repeats']}:",
+        f"  {'mode':<{width}} {'wall s':>8} {'M voxels/s':>11} {'of limit (wall)':>16} "
         f"{'of limit (steady)':>18}",
     ]
     for name, m in c["modes"].items():
         lines.append(
-            f"  {name:<12} {m['wall_s']:>8.1f} {m['voxels_per_s'] / 1e6:>11.2f} "
+            f"  {name:<{width}} {m['wall_s']:>8.1f} {m['voxels_per_s'] / 1e6:>11.2f} "
             f"{m['of_limit_wall']:>16.2f} {m['of_limit_steady']:>18.2f}"
         )
     for r in c["limit_layouts"]:

@@ -65,40 +65,51 @@ BARE = """
 import json, sys, time, torch
 from blockpredict.build import build_model
 from blockpredict.config import ModelConfig
-config, threads, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+config, (threads, n, batch), device = json.loads(sys.argv[1]), map(int, sys.argv[2:5]), sys.argv[5]
 torch.set_num_threads(threads)
-m = build_model(ModelConfig.model_validate(config)).eval()
-x = torch.rand(1, m.num_in_channels, *m.eval_input_shape)
+m = build_model(ModelConfig.model_validate(config)).eval().to(device)
+x = torch.rand(batch, m.num_in_channels, *m.eval_input_shape, device=device)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 with torch.no_grad():
-    m(x); t = time.perf_counter()
+    m(x); sync(); t = time.perf_counter()
     for _ in range(n): m(x)
+    sync()
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
 
-def limit(model: dict[str, Any], blocks: int, block_voxels: int, cores: int) -> dict[str, Any]:
-    """Bare forwards on a preloaded tensor: the best of (layout x allocator), ``blocks`` in all."""
+def limit(
+    model: dict[str, Any], blocks: int, block_voxels: int, cores: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Bare forwards on a preloaded tensor, ``blocks`` in all: on the CPU the best of
+    (core layout x allocator), on a GPU the best of batch sizes 1 and 4 (one process)."""
+    if device == "cuda":
+        layouts = [(1, cores, batch, False) for batch in (1, 4)]
+    else:
+        layouts = [(p, t, 1, kept) for kept in (False, True) for p, t in ((1, cores), (cores, 1))]
     rows = []
-    for kept in (False, True):
-        for processes, threads in ((1, cores), (cores, 1)):
-            per = math.ceil(blocks / processes)
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-c", BARE, json.dumps(model), str(threads), str(per)],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=_env(kept),
-                )
-                for _ in range(processes)
-            ]
-            seconds = max(json.loads(p.communicate()[0].splitlines()[-1])["seconds"] for p in procs)
-            rows.append(
-                {
-                    "layout": f"{processes} x {threads} thread(s)",
-                    "allocator": "pages kept" if kept else "default",
-                    "voxels_per_s": per * processes * block_voxels / seconds,
-                }
+    for processes, threads, batch, kept in layouts:
+        per = math.ceil(blocks / processes / batch)  # forwards per process
+        argv = [json.dumps(model), str(threads), str(per), str(batch), device]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", BARE, *argv],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=_env(kept),
             )
+            for _ in range(processes)
+        ]
+        seconds = max(json.loads(p.communicate()[0].splitlines()[-1])["seconds"] for p in procs)
+        rows.append(
+            {
+                "layout": f"{processes} x {threads} thread(s)"
+                if device == "cpu"
+                else f"1 process, batch {batch}",
+                "allocator": "pages kept" if kept else "default",
+                "voxels_per_s": per * batch * processes * block_voxels / seconds,
+            }
+        )
     best = max(rows, key=lambda r: r["voxels_per_s"])
     return {"voxels_per_s": best["voxels_per_s"], "best": best, "layouts": rows}
 
@@ -133,12 +144,13 @@ naive = o.model_copy(update={"dataset": o.dataset + "-naive"})
 info = prepare_output(describe_output(plan, naive, p.num_out_channels, p.input.axis_names,
                                       p.input.units, p.input.zarr_format), True)
 reader, writer = BlockReader(p.input, w.input.normalize), BlockWriter(info)
-model = build_model(w.model).eval()
+device = sys.argv[2]
+model = build_model(w.model).eval().to(device)
 t1 = time.perf_counter()
 with torch.no_grad():
     for i in range(plan.num_blocks):
         b = plan.block(i)
-        y = model(torch.from_numpy(reader.read(b.read_roi))[None]).numpy()[0]
+        y = model(torch.from_numpy(reader.read(b.read_roi))[None].to(device)).cpu().numpy()[0]
         crop = tuple(slice(0, s) for s in b.write_roi.shape / plan.output_voxel_size)
         writer.write(b.write_roi, y[(slice(None), *crop)])
 t2 = time.perf_counter()
@@ -152,13 +164,14 @@ import dask.array as da, numpy as np, torch, zarr
 from distributed import Client, LocalCluster
 from blockpredict.config import load_workflow
 from blockpredict.build import build_model
-w = load_workflow(sys.argv[1]); cores = int(sys.argv[2])
+w = load_workflow(sys.argv[1]); cores, device = int(sys.argv[2]), sys.argv[3]
 _model = {}
 def predict(block):
     if "m" not in _model:
-        torch.set_num_threads(1); _model["m"] = build_model(w.model).eval()
+        torch.set_num_threads(1); _model["m"] = build_model(w.model).eval().to(device)
+    x = torch.from_numpy(block.astype(np.float32) / 255)[None, None].to(device)
     with torch.no_grad():
-        y = _model["m"](torch.from_numpy(block.astype(np.float32) / 255)[None, None])
+        y = _model["m"](x).cpu()
     c = (block.shape[0] - y.shape[2]) // 2
     out = np.zeros(block.shape, np.float32); s = slice(c, c + y.shape[2])
     out[s, s, s] = y[0, 0].numpy(); return out
@@ -166,7 +179,9 @@ if __name__ == "__main__":
     m = build_model(w.model)
     size, out_size = m.eval_input_shape[0], m.output_shape[0]
     c = (size - out_size) // 2
-    with LocalCluster(n_workers=cores, threads_per_worker=1, host="127.0.0.1",
+    # on the CPU a single-thread worker per core; on a GPU one worker, 4 threads sharing it
+    workers, threads = (cores, 1) if device == "cpu" else (1, 4)
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, host="127.0.0.1",
                       dashboard_address=":0") as cluster, Client(cluster):
         x = da.from_zarr(str(w.input.container / w.input.dataset))
         k = (x.shape[0] - 2 * c) // out_size  # the volume is k whole blocks plus the context
@@ -180,13 +195,13 @@ if __name__ == "__main__":
 """
 
 
-def naive(workflow: Path) -> dict[str, Any]:
-    """read -> forward -> write per block in one process (all cores, glibc's defaults)."""
-    return _json_of([sys.executable, "-c", NAIVE, str(workflow)], cwd=workflow.parent)
+def naive(workflow: Path, device: str = "cpu") -> dict[str, Any]:
+    """read -> forward -> write per block in one process (every core or the GPU)."""
+    return _json_of([sys.executable, "-c", NAIVE, str(workflow), device], cwd=workflow.parent)
 
 
-def dask_array(workflow: Path, cores: int) -> dict[str, Any]:
+def dask_array(workflow: Path, cores: int, device: str = "cpu") -> dict[str, Any]:
     """``map_overlap`` over ``from_zarr``, the model once per worker process (first channel)."""
     return _json_of(
-        [sys.executable, "-c", DASK_ARRAY, str(workflow), str(cores)], cwd=workflow.parent
+        [sys.executable, "-c", DASK_ARRAY, str(workflow), str(cores), device], cwd=workflow.parent
     )

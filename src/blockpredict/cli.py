@@ -170,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the simulated cluster's device time per block (default 50 ms)",
     )
     bench.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the side-by-side comparison runs (default auto: a GPU where one is visible)",
+    )
+    bench.add_argument(
         "--only",
         help="comma-separated parts to run: " + ", ".join(BENCH_PARTS) + " (default: all of them)",
     )
@@ -371,6 +377,13 @@ def _bench(args: argparse.Namespace) -> int:
             "--only",
             "choose from " + ", ".join(BENCH_PARTS),
         )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "bench --device cuda: no GPU is visible", "--device", "use auto or cpu"
+            )
     results = run_bench(
         args.dir,
         args.quick,
@@ -379,6 +392,7 @@ def _bench(args: argparse.Namespace) -> int:
         args.simulate_workers,
         args.simulate_ms,
         parts,
+        args.device,
     )
     print(format_results(results))
     if args.json:

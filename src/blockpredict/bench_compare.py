@@ -1,0 +1,111 @@
+"""The side-by-side part of ``blockpredict bench``: the limit, the engine, a naive loop
+and dask.array on the same model, block shape, volume and device.
+
+On the CPU the volume is 4^3 blocks and the limit is the best of the core layouts and
+allocator settings. On a GPU it is 8^3 blocks (a 108^3 forward takes milliseconds
+there, so 64 blocks would measure start-up), and the limit is the best of batch sizes
+1 and 4 on preloaded device tensors; the engine also runs with one reader and one
+writer (``io_threads: 1``) and at ``batch_size: 4``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bench import UNET, _cube, _median, _workflow
+
+# the quick variant: same layers, tiny blocks (28^3 -> 12^3), 2^3 blocks of it
+QUICK_UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
+
+GPU_BATCH = 4  # the engine's second run and the limit's second layout on a GPU
+
+
+def bench_device_of(setting: str) -> str:
+    """``cuda`` where ``setting`` (auto, cpu, cuda) picks a visible GPU, else ``cpu``."""
+    if setting == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+
+
+def bench_compare(
+    folder: Path,
+    quick: bool,
+    repeats: int,
+    cores: int,
+    device: str = "cpu",
+    k: int | None = None,
+) -> dict[str, Any]:
+    """The limit, the engine, a naive loop and dask.array side by side (voxels/s, medians).
+
+    ``k`` blocks per axis (default 4 on the CPU, 8 on a GPU; quick 2).
+    """
+    from .benchmodes import dask_array, engine, limit, naive
+
+    unet = QUICK_UNET if quick else UNET
+    default_k = 2 if quick else (8 if device == "cuda" else 4)
+    size_in, size_out, k = (28, 12, k or default_k) if quick else (108, 92, k or default_k)
+    size = k * size_out + (size_in - size_out)  # k^3 whole blocks
+    sub = folder / "compare"
+    sub.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    _cube(sub / "in.zarr" / "raw", size, rng.integers(0, 255, (size,) * 3, dtype=np.uint8))
+    model = {"unet": unet, "head": {"out_channels": 1}}
+    cluster = {"device": device}  # the engine runs where the limit does
+    path = _workflow(sub, model, cluster=cluster)  # execution: the defaults
+    engines = {"engine": path}
+    if device == "cuda":  # what the defaults choose on a GPU, against the alternatives
+        for name, execution in (
+            ("io_threads 1", {"io_threads": 1}),
+            (f"batch {GPU_BATCH}", {"batch_size": GPU_BATCH}),
+        ):
+            engines[f"engine, {name}"] = _workflow(
+                sub, model, f"workflow-{len(engines)}.yaml", cluster=cluster, execution=execution
+            )
+    blocks, voxels = k**3, (k * size_out) ** 3
+    limits: list[dict[str, Any]] = []
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    runs["naive loop"], runs["dask.array"] = [], []
+    for _ in range(repeats):
+        limits.append(limit(model, blocks, size_out**3, cores, device))
+        for name, workflow in engines.items():
+            run = engine(workflow)
+            runs[name].append(
+                {
+                    "wall_s": run["wall_s"],
+                    "steady_s": run["report"]["wall_seconds"] - run["report"]["setup_seconds"],
+                    "phases": run["report"]["phase_seconds"],
+                }
+            )
+        runs["naive loop"].append(naive(path, device))
+        runs["dask.array"].append(dask_array(path, cores, device))
+    best = max(limits, key=lambda r: r["voxels_per_s"])  # its layouts are printed
+    limit_rate = statistics.median(r["voxels_per_s"] for r in limits)
+    modes = {"limit": {"wall_s": voxels / limit_rate, "steady_s": voxels / limit_rate}}
+    for name, mode_runs in runs.items():
+        modes[name] = {
+            "wall_s": _median(mode_runs, "wall_s"),
+            "steady_s": _median(mode_runs, "steady_s"),
+        }
+    for m in modes.values():
+        m["voxels_per_s"] = voxels / m["wall_s"]
+        m["of_limit_wall"] = m["voxels_per_s"] / limit_rate
+        m["of_limit_steady"] = (voxels / m["steady_s"]) / limit_rate
+    return {
+        "model": f"U-Net {size_in}^3 -> {size_out}^3",
+        "input": f"{size}^3 uint8",
+        "blocks": blocks,
+        "cores": cores,
+        "device": device_name(device),
+        "modes": modes,
+        "limit_layouts": best["layouts"],
+        "engine_phases": runs["engine"][-1]["phases"],
+    }
