@@ -1,0 +1,139 @@
+"""On a CUDA GPU: the engine's output, reduced precision, torch.compile, one GPU per worker.
+
+Skipped where torch sees no GPU (CI has none). On a GPU machine:
+``python -m pytest tests/test_gpu.py``. The CPU runs the same code with the CUDA
+staging path forced on (tests/test_speed.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from distributed import Client
+from funlib.geometry import Coordinate, Roi
+
+from blockpredict.build import build_model
+from blockpredict.cluster import connect, local_gpus
+from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
+from blockpredict.forward import Forward
+from blockpredict.precision import TOLERANCE
+from blockpredict.workflow import predict_workflow, prepare_workflow
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+UNET = {
+    "input_shape": [28, 28, 28],
+    "fmaps_in": 1,
+    "num_fmaps": 3,
+    "fmap_inc_factor": 2,
+    "downsample_factors": [[2, 2, 2]],
+}
+# fp32 on a GPU against the CPU: cuDNN's convolutions on Ampere and newer run in TF32
+# by default (torch.backends.cudnn.allow_tf32), a 10-bit mantissa
+GPU_FP32 = 2e-3
+
+
+def _model() -> torch.nn.Module:
+    return build_model(ModelConfig.model_validate({"unet": UNET, "head": {"out_channels": 2}}))
+
+
+def _predict(tmp_path: Path, data: np.ndarray, execution: dict[str, Any], name: str) -> Any:
+    workflow = {
+        "input": {"container": "in.zarr", "dataset": "raw"},
+        "model": {"unet": UNET, "head": {"out_channels": 2}},
+        "output": {"container": "out.zarr", "dataset": name},
+        "cluster": {"device": "cuda", "dashboard_address": ":0"},
+        "execution": {"max_retries": 0, **execution},
+    }
+    path = write_workflow(tmp_path / f"{name}.yaml", workflow)
+    loaded = load_workflow(path)
+    report = predict_workflow(loaded, progress=False)
+    assert report.exit_code == 0, report.summary()
+    return loaded, report
+
+
+def test_a_run_on_the_gpu_equals_the_whole_volume_forward(tmp_path, monkeypatch):
+    """A local cluster on the GPU (one worker per GPU), one block per forward and batches of
+    4: the output equals one CPU forward over the whole volume to TF32's tolerance."""
+    monkeypatch.chdir(tmp_path)
+    data = volume_of((64, 64, 64))
+    make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
+    outputs = {}
+    for name, execution in (("one", {}), ("batched", {"batch_size": 4})):
+        loaded, report = _predict(tmp_path, data, execution, name)
+        assert report.workers == 1  # one GPU here: one worker process
+        outputs[name] = read_output(tmp_path / "out.zarr" / name)
+    plan = prepare_workflow(loaded).plan
+    volume = data.astype(np.float32)[None] / 255.0
+    expected = reference(
+        build_model(loaded.model), volume, Roi((0, 0, 0), (64, 64, 64)), Coordinate(1, 1, 1), plan
+    )
+    for name, got in outputs.items():
+        error = max_abs_diff(got, expected)
+        print(f"{name}: max |gpu - cpu| = {error:.2e}")
+        assert error <= GPU_FP32, name
+    assert np.isfinite(outputs["batched"]).all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_on_the_gpu_stays_within_its_tolerance(precision):
+    model = _model().eval().cuda()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    device = torch.device("cuda")
+    exact = Forward(model, device, (12, 12, 12), 3)(blocks)
+    reduced = Forward(model, device, (12, 12, 12), 3, precision)(blocks)
+    for a, b in zip(exact, reduced, strict=True):
+        assert b.dtype == np.float32
+        error = max_abs_diff(a, b)
+        print(f"{precision}: max |{precision} - fp32| = {error:.2e}")
+        assert 0 < error <= TOLERANCE[precision]
+
+
+def test_the_staging_path_uses_pinned_buffers_and_keeps_the_last_output():
+    model = _model().eval().cuda()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    forward = Forward(model, torch.device("cuda"), (12, 12, 12), 3)
+    assert forward.staging and forward.stream is not None
+    first = forward([blocks[0]])[0]
+    kept = first.copy()
+    second = forward([blocks[1]])[0]
+    assert np.array_equal(first, kept)  # the ring of two output buffers
+    assert all(b.is_pinned() for b in forward._buffers.values())
+    with torch.no_grad():
+        plain = model(torch.from_numpy(blocks[1])[None].cuda()).cpu().numpy()[0]
+    assert np.array_equal(second, plain)
+
+
+def test_compile_on_the_gpu_equals_eager():
+    model = _model().eval().cuda()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(2)]
+    device = torch.device("cuda")
+    eager = Forward(model, device, (12, 12, 12), 3)(blocks)
+    compiled = Forward(model, device, (12, 12, 12), 3, compile=True)
+    got = compiled(blocks)
+    assert compiled.compiled is not None, "torch.compile fell back on a GPU"
+    for a, b in zip(eager, got, strict=True):
+        assert max_abs_diff(a, b) <= GPU_FP32
+
+
+def _visible() -> dict[str, Any]:
+    return {
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "devices": torch.cuda.device_count(),
+    }
+
+
+def test_each_local_gpu_worker_sees_only_its_own_gpu():
+    config = ClusterConfig.model_validate({"device": "cuda", "dashboard_address": ":0"})
+    with connect(config) as client:
+        assert isinstance(client, Client)
+        seen = client.run(_visible)
+    gpus = local_gpus(config)  # CUDA_VISIBLE_DEVICES's entries, or 0..n-1
+    assert gpus and sorted(v["CUDA_VISIBLE_DEVICES"] for v in seen.values()) == sorted(gpus)
+    assert all(v["devices"] == 1 for v in seen.values())
