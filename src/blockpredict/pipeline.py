@@ -13,12 +13,15 @@ then starts its next task, whose first read overlaps this task's last
 forward and write.
 
 A group is ``group`` whole batches: one batch for large blocks, more for
-small ones, up to about ``GROUP_BYTES`` of input, so tiny blocks are read
-with one storage call per group (``read_many``) instead of one per block.
+small ones, up to about ``GROUP_BYTES`` of input (``GPU_GROUP_BYTES`` on a GPU),
+so neighbouring blocks are read with one storage call per group (``read_many``)
+instead of one per block.
 At most ``2 * io_threads + 1`` groups (with one I/O thread each, **three**: one
 being read, one in the forward, one being written) hold data at any time,
-whatever the volume and however many tasks wait: ``3 * batch_size`` blocks for
-large blocks, about ``3 * GROUP_BYTES`` of input and its outputs for small ones.
+whatever the volume and however many tasks wait: on the CPU ``3 * batch_size``
+blocks for large blocks, about ``3 * GROUP_BYTES`` of input and its outputs for
+small ones; on a GPU about ``(2 * io_threads + 1) * GPU_GROUP_BYTES`` of input
+and its outputs.
 One thread runs every forward, so there is one forward at a time per device.
 
 A block that fails (read, forward or write) fails alone: its result carries the
@@ -60,13 +63,18 @@ def groups_in_memory(io_threads: int) -> int:
 
 
 GROUP_BYTES = 4 << 20  # input bytes a group of small blocks reads at once
+# on a GPU, whose forward of a large block takes milliseconds: a group of 2x2x2 108^3 float32
+# blocks is read as one box, 8 chunks' decoding shared and run in parallel by zarrs
+GPU_GROUP_BYTES = 64 << 20
 MAX_GROUP = 64  # blocks per group at most (a task's blocks are Morton-adjacent)
 
 
-def group_size(block_bytes: int, batch_size: int) -> int:
-    """Batches per group: as many as fit in ``GROUP_BYTES`` (at least one, at most ``MAX_GROUP``
-    blocks)."""
-    blocks = min(MAX_GROUP, GROUP_BYTES // max(1, block_bytes))
+def group_size(block_bytes: int, batch_size: int, group_bytes: int = GROUP_BYTES) -> int:
+    """Batches per group: as many as fit in ``group_bytes`` (at least one, at most
+    ``MAX_GROUP`` blocks), a power of two of blocks where it can be, so that aligned
+    Morton runs of a task fill boxes of the block grid (2x1x1, 2x2x1, 2x2x2, ...)."""
+    blocks = min(MAX_GROUP, group_bytes // max(1, block_bytes))
+    blocks = 1 << (blocks.bit_length() - 1) if blocks else 0
     return max(1, blocks // max(1, batch_size))
 
 

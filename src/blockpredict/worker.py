@@ -23,14 +23,14 @@ from .build import build_model, place
 from .config import ModelConfig
 from .forward import Forward
 from .job import Job
-from .pipeline import Pipeline, group_size
+from .pipeline import GPU_GROUP_BYTES, GROUP_BYTES, Pipeline, group_size
 from .precision import unsupported
 from .storage import BlockReader, BlockWriter
 from .tasks import PLUGIN_NAME, mark_running, mark_stopped
 
 logger = logging.getLogger(__name__)
 
-GPU_IO_THREADS = 3  # readers and writers each, per GPU worker (execution.io_threads: auto)
+GPU_IO_THREADS = 2  # readers and writers each, per GPU worker (execution.io_threads: auto)
 
 
 def choose_device(setting: str, worker_name: object) -> torch.device:
@@ -99,7 +99,9 @@ class ModelPlugin(WorkerPlugin):
             started=mark_running,
             finished=mark_stopped,
             group=group_size(
-                4 * job.input.num_channels * math.prod(job.plan.read_shape), job.batch_size
+                4 * job.input.num_channels * math.prod(job.plan.read_shape),
+                job.batch_size,
+                GPU_GROUP_BYTES if self.device.type == "cuda" else GROUP_BYTES,
             ),
             read_many=self.read_many,
             write_many=self.write_many,
