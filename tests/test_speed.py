@@ -156,18 +156,28 @@ def test_reduced_precision_stays_within_its_tolerance(precision):
 
 
 def test_the_cuda_staging_path_on_the_cpu():
-    """Pinned-buffer staging (forced on the CPU): same values, and outputs are not overwritten
-    by the next forward while the writer may still hold them (a ring of two buffers)."""
+    """Pinned-buffer staging (forced on the CPU): same values, and no output is overwritten by
+    later forwards while the writer may still hold it: a group of 8 blocks, one forward
+    each, is written only after its 8th forward (with a ring of two output buffers, 6 of
+    every 8 blocks were written with another block's prediction)."""
     model = _model().eval()
-    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    rng = np.random.default_rng(0)
+    blocks = {i: rng.random((1, 28, 28, 28), dtype=np.float32) for i in range(16)}
     plain = Forward(model, torch.device("cpu"), (12, 12, 12), 3)
     staged = Forward(model, torch.device("cpu"), (12, 12, 12), 3, staging=True)
-    first = staged([blocks[0]])[0]
-    kept = first.copy()
-    second = staged([blocks[1]])[0]
-    assert np.array_equal(first, kept)  # the previous output is intact
-    assert np.array_equal(second, plain([blocks[1]])[0])
-    assert np.array_equal(first, plain([blocks[0]])[0])
+    written: dict[int, np.ndarray] = {}
+    pipeline = Pipeline(blocks.__getitem__, staged, written.__setitem__, group=8)
+    try:
+        pipeline.run(list(blocks))
+    finally:
+        pipeline.close()
+    wrong = [i for i, b in blocks.items() if not np.array_equal(written[i], plain([b])[0])]
+    assert not wrong
+    box = np.random.default_rng(0).random((1, 40, 40, 40), dtype=np.float32)  # a read box
+    views = [box[:, z : z + 28, 12:, :28] for z in (0, 12)]  # its blocks: strided views
+    copies = [np.ascontiguousarray(v) for v in views]
+    for got, want in zip(staged(views), plain(copies), strict=True):
+        assert np.array_equal(got, want)
 
 
 def test_compile_runs_compiled_or_falls_back_with_one_warning():
@@ -437,7 +447,11 @@ def test_bad_speed_settings_are_one_line_and_exit_2(tmp_path, override, phrases)
 
 def test_batch_jobs_with_several_gpus_give_each_worker_process_its_own():
     section = {"type": "slurm", "jobqueue": {"memory": "8GB"}, "gpus_per_job": 2}
-    command = job_script(ClusterConfig.model_validate(section)).splitlines()[-1].split()
+    script = job_script(ClusterConfig.model_validate(section)).splitlines()
+    # GPU workers keep their pages but not one arena: their I/O threads allocate at once
+    assert "export MALLOC_MMAP_THRESHOLD_=4294967296" in script
+    assert not any("MALLOC_ARENA_MAX" in line for line in script)
+    command = script[-1].split()
     assert "--nworkers" in command and command[command.index("--nworkers") + 1] == "2"
     assert command[command.index("--preload") + 1] == "blockpredict.gpu_preload"
     assert own_gpu("3,5", "SLURMCluster-4-1") == "5" and own_gpu("3", "x-1") is None

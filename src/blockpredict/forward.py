@@ -1,7 +1,7 @@
 """The forward on one device: a batch of blocks in, their predictions out.
 
-On CUDA the inputs go through pinned host buffers and non-blocking copies on
-a stream of the forward's own, so the copies overlap the worker's other work;
+On CUDA the inputs go through a pinned host buffer and non-blocking copies on
+a stream of the forward's own, and the outputs come back into pinned buffers;
 ``execution.precision`` sets autocast and ``execution.compile`` wraps the
 model with ``torch.compile`` (falling back with one warning).
 """
@@ -25,10 +25,14 @@ logger = logging.getLogger(__name__)
 class Forward:
     """Batched forward on one device: ``[(C, *read_shape)] -> [(C_out, *write_shape)]``.
 
-    On CUDA, inputs go through pinned host buffers with non-blocking copies on
-    a stream of the forward's own; outputs come back through a ring of two
-    pinned buffers (one may still be being written while the next forward
-    fills the other). ``staging`` forces that path on (to test it on the CPU).
+    On CUDA, each block is copied once, straight into a pinned input buffer,
+    which goes to the device with a non-blocking copy on a stream of the
+    forward's own (the buffer is reused: the stream is synchronized before a
+    call returns). Each call's outputs come back into pinned buffers of their
+    own: a pipeline group holds up to 64 blocks' outputs until its write, so
+    no later forward may reuse them (torch's caching host allocator recycles
+    them once the writer lets go). ``staging`` forces that path on (to test it
+    on the CPU).
     """
 
     def __init__(
@@ -49,8 +53,7 @@ class Forward:
         self.staging = device.type == "cuda" if staging is None else staging
         self.pin = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
-        self._turn = 0
+        self._input: torch.Tensor | None = None
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile:
             try:
@@ -61,9 +64,8 @@ class Forward:
     def __call__(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
         channels, *spatial = blocks[0].shape
         model_shape = spatial[len(spatial) - self.model_dims :]
-        batch = np.stack(blocks).reshape(len(blocks), channels, *model_shape)
         with self._on_stream():
-            x = self._to_device(batch)
+            x = self._to_device(blocks, (len(blocks), channels, *model_shape))
             with torch.no_grad(), autocast(self.device, self.precision):
                 y = self._run(x)
             y = self._to_host(y.float())
@@ -102,26 +104,20 @@ class Forward:
             yield
         self.stream.synchronize()
 
-    def _buffer(self, name: str, shape: torch.Size, turn: int = 0) -> torch.Tensor:
-        buffer = self._buffers.get((name, turn))
-        if buffer is None or buffer.shape != shape:
-            buffer = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
-            self._buffers[(name, turn)] = buffer
-        return buffer
-
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(batch)
+    def _to_device(self, blocks: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
         if not self.staging:
-            return host.to(self.device)
-        staged = self._buffer("in", host.shape)
-        staged.copy_(host)
+            return torch.from_numpy(np.stack(blocks).reshape(shape)).to(self.device)
+        staged = self._input
+        if staged is None or tuple(staged.shape) != shape:
+            staged = self._input = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
+        for row, block in zip(staged, blocks, strict=True):  # one copy each, views included
+            row.view(block.shape).copy_(torch.from_numpy(block))
         return staged.to(self.device, non_blocking=True)
 
     def _to_host(self, y: torch.Tensor) -> np.ndarray:
         if not self.staging:
             return y.cpu().numpy()
-        self._turn = 1 - self._turn
-        host = self._buffer("out", y.shape, self._turn)
+        host = torch.empty(y.shape, dtype=torch.float32, pin_memory=self.pin)
         host.copy_(y, non_blocking=True)
         if self.stream is not None:
             self.stream.synchronize()
