@@ -48,8 +48,8 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         raise ConfigError(
             "cluster.device is cuda but no GPU is visible", "cluster.device", "use auto or cpu"
         )
-    env = worker_environment(torch_threads(config), config.worker_env)
     gpus = local_gpus(config)
+    env = worker_environment(torch_threads(config), config.worker_env, gpu=bool(gpus))
     # workers ignore a terminal's Ctrl-C (it reaches the driver only), restarted ones too
     # (a preload), and get their allocator and thread variables before each one starts
     with workers_ignore_sigint(), nanny_environment(env):

@@ -112,7 +112,8 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
         ]
     options.setdefault("processes", 1)
     # allocator and thread variables before the worker starts; the user's prologue comes after
-    env = worker_environment(config.threads_per_worker, config.worker_env)
+    gpu = config.gpus_per_job > 0
+    env = worker_environment(config.threads_per_worker, config.worker_env, gpu=gpu)
     options["job_script_prologue"] = [
         *export_lines(env),
         *options.get("job_script_prologue", []),
