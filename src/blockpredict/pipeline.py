@@ -4,10 +4,9 @@ A worker holds one :class:`Pipeline` for the whole run, with one forward thread
 and ``io_threads`` reader and writer threads. While group i runs its forwards,
 group i+1 is read and normalized and group i-1 is converted and written (with
 several I/O threads, the next ``io_threads`` groups are read and the last
-``io_threads`` written at once: a GPU's forward is faster than one reader or
-writer). Tasks only feed it: a task's blocks join
-the queue behind the previous task's, so the stages do not drain between
-tasks. ``entered`` (the worker passes Dask's ``secede``) is called in the
+``io_threads`` written at once: a GPU's forward outruns one reader and one
+writer). Tasks only feed it: a task's blocks join the queue behind the previous
+task's, so the stages do not drain between tasks. ``entered`` (the worker passes Dask's ``secede``) is called in the
 task's thread once the reader has taken the task's last group: the worker
 then starts its next task, whose first read overlaps this task's last
 forward and write.
@@ -63,8 +62,8 @@ def groups_in_memory(io_threads: int) -> int:
 
 
 GROUP_BYTES = 4 << 20  # input bytes a group of small blocks reads at once
-# on a GPU, whose forward of a large block takes milliseconds: a group of 2x2x2 108^3 float32
-# blocks is read as one box, 8 chunks' decoding shared and run in parallel by zarrs
+# on a GPU, whose forward of a large block takes milliseconds: 2x2x2 blocks of 108^3 float32
+# are read as one box, each input chunk decoded once for the box, in parallel by zarrs
 GPU_GROUP_BYTES = 64 << 20
 MAX_GROUP = 64  # blocks per group at most (a task's blocks are Morton-adjacent)
 
