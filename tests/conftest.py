@@ -26,6 +26,15 @@ from funlib.persistence import prepare_ds
 
 from blockpredict.plan import BlockPlan
 
+# the tests' small 3D U-Net: 28^3 -> 12^3, one 2x level
+UNET_3D = {
+    "input_shape": [28, 28, 28],
+    "fmaps_in": 1,
+    "num_fmaps": 3,
+    "fmap_inc_factor": 2,
+    "downsample_factors": [[2, 2, 2]],
+}
+
 
 @pytest.fixture(scope="session")
 def cluster_address():

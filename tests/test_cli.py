@@ -13,6 +13,7 @@ import torch
 import zarr
 from conftest import (
     SRC,
+    UNET_3D,
     cli_in_process,
     make_input,
     marked_input,
@@ -27,14 +28,6 @@ from funlib.geometry import Coordinate, Roi
 
 import blockpredict
 from blockpredict.architectures import UNet
-
-UNET = {
-    "input_shape": [28, 28, 28],
-    "fmaps_in": 1,
-    "num_fmaps": 3,
-    "fmap_inc_factor": 2,
-    "downsample_factors": [[2, 2, 2]],
-}
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +47,7 @@ def basic_workflow(tmp_path: Path, cluster: dict | None = None, **output) -> Pat
         tmp_path / "workflow.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "model": {"unet": UNET_3D, "head": {"out_channels": 2}},
             "output": {"container": "out.zarr", "dataset": "pred", **output},
             "cluster": cluster or {"type": "local", "n_workers": 2},
         },

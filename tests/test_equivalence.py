@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from conftest import (
+    UNET_3D,
+    make_input,
+    max_abs_diff,
+    read_output,
+    reference,
+    volume_of,
+    write_workflow,
+)
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds, prepare_ds
 
@@ -25,14 +33,6 @@ from blockpredict.storage import BlockReader, open_input
 from blockpredict.workflow import predict_workflow, prepare_workflow
 
 TOLERANCE = 1e-4
-
-UNET_3D = {
-    "input_shape": [28, 28, 28],
-    "fmaps_in": 1,
-    "num_fmaps": 3,
-    "fmap_inc_factor": 2,
-    "downsample_factors": [[2, 2, 2]],
-}
 
 
 def run_case(

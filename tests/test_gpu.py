@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import make_input, max_abs_diff, read_output, reference, volume_of, write_workflow
+from conftest import (
+    UNET_3D,
+    make_input,
+    max_abs_diff,
+    read_output,
+    reference,
+    volume_of,
+    write_workflow,
+)
 from distributed import Client
 from funlib.geometry import Coordinate, Roi
 
@@ -27,26 +35,19 @@ from blockpredict.workflow import predict_workflow, prepare_workflow
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-UNET = {
-    "input_shape": [28, 28, 28],
-    "fmaps_in": 1,
-    "num_fmaps": 3,
-    "fmap_inc_factor": 2,
-    "downsample_factors": [[2, 2, 2]],
-}
 # fp32 on a GPU against the CPU: cuDNN's convolutions on Ampere and newer run in TF32
 # by default (torch.backends.cudnn.allow_tf32), a 10-bit mantissa
 GPU_FP32 = 2e-3
 
 
 def _model() -> torch.nn.Module:
-    return build_model(ModelConfig.model_validate({"unet": UNET, "head": {"out_channels": 2}}))
+    return build_model(ModelConfig.model_validate({"unet": UNET_3D, "head": {"out_channels": 2}}))
 
 
 def _predict(tmp_path: Path, data: np.ndarray, execution: dict[str, Any], name: str) -> Any:
     workflow = {
         "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UNET, "head": {"out_channels": 2}},
+        "model": {"unet": UNET_3D, "head": {"out_channels": 2}},
         "output": {"container": "out.zarr", "dataset": name},
         "cluster": {"device": "cuda", "dashboard_address": ":0"},
         "execution": {"max_retries": 0, **execution},
