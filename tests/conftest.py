@@ -71,6 +71,55 @@ def make_input(
     )[:] = data
 
 
+def enliven(model: Any) -> Any:
+    """Weights whose outputs vary with the input: Kaiming-normal convolutions, biases
+    0.01 x N(0, 1), from the first seed whose output on a random input varies (a layer
+    of 3 channels can die by chance). The builder's seed-0 weights leave the tests'
+    small U-Nets all but constant (a standard deviation of 1e-7 over a volume: their
+    random biases outweigh the input), so a block written in the wrong place, or
+    another block's prediction, would still equal the reference. With these, outputs
+    are of order 0.1-1 and differ from block to block by about 0.4."""
+    sample = torch.rand(
+        (1, model.num_in_channels, *model.eval_input_shape),
+        generator=torch.Generator().manual_seed(0),
+    )
+    for seed in range(1, 50):
+        _initialize(model, seed)
+        with torch.no_grad():
+            if model.eval()(sample).std() > 0.05:
+                return model
+    raise AssertionError("no seed gives this model an output that varies")
+
+
+def _initialize(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.modules.conv._ConvNd):
+                inputs = layer.weight[0].numel()  # per output value: channels x kernel
+                if layer.transposed:  # (in, out, *kernel), spread over stride^d outputs
+                    inputs = layer.weight.shape[0] * math.prod(layer.kernel_size)
+                    inputs //= math.prod(layer.stride)
+                std = (2.0 / inputs) ** 0.5
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+                if layer.bias is not None:
+                    layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.01)
+
+
+def alive_checkpoint(folder: Path, model: dict[str, Any]) -> dict[str, Any]:
+    """A workflow's ``model`` section with a checkpoint of :func:`enliven`'s weights (a
+    section that names a checkpoint or builds no U-Net is returned as it is)."""
+    from blockpredict.build import build_model
+    from blockpredict.config import ModelConfig
+
+    if "checkpoint" in model or "unet" not in model:
+        return model
+    built = enliven(build_model(ModelConfig.model_validate(model)))
+    path = folder / "alive-weights.pt"
+    torch.save(built.state_dict(), path)
+    return {**model, "checkpoint": str(path)}
+
+
 def workflow_on(cluster: dict[str, Any]) -> Any:
     """A minimal valid workflow on this cluster section (for job and driver scripts)."""
     from blockpredict.config import validate_workflow

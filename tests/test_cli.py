@@ -15,6 +15,7 @@ from conftest import (
     SRC,
     UNET_3D,
     cli_in_process,
+    enliven,
     make_input,
     marked_input,
     max_abs_diff,
@@ -167,7 +168,7 @@ def test_python_api(tmp_path, cluster_address):
         fmap_inc_factor=2,
         downsample_factors=[(2, 2, 2)],
     )
-    model = blockpredict.Model(architecture, torch.nn.Conv3d(3, 2, 1), torch.nn.Sigmoid())
+    model = enliven(blockpredict.Model(architecture, torch.nn.Conv3d(3, 2, 1), torch.nn.Sigmoid()))
     report = blockpredict.predict(
         model,
         input={"container": str(tmp_path / "in.zarr"), "dataset": "raw"},

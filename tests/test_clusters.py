@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import (
     SRC,
+    alive_checkpoint,
     cli_in_process,
     make_input,
     max_abs_diff,
@@ -157,7 +158,7 @@ def slurm_workflow(tmp_path: Path, **cluster) -> Path:
         tmp_path / "wf.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "model": alive_checkpoint(tmp_path, {"unet": UNET, "head": {"out_channels": 2}}),
             "output": {"container": "out.zarr", "dataset": "pred"},
             # loopback: the scheduler and its workers talk on this machine only
             "cluster": {

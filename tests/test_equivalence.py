@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import (
     UNET_3D,
+    alive_checkpoint,
+    enliven,
     make_input,
     max_abs_diff,
     read_output,
@@ -26,7 +28,7 @@ from funlib.persistence import open_ds, prepare_ds
 import blockpredict
 from blockpredict.architectures import CNNectomeUNet, UNet
 from blockpredict.build import build_model
-from blockpredict.config import load_workflow
+from blockpredict.config import ModelConfig, load_workflow
 from blockpredict.errors import InputError
 from blockpredict.preview import _read
 from blockpredict.storage import BlockReader, open_input
@@ -47,7 +49,9 @@ def run_case(
     normalize: Any = "auto",
     ref_model: torch.nn.Module | None = None,
 ):
-    """Predict with a workflow; return (prediction, reference, plan)."""
+    """Predict with a workflow; return (prediction, reference, plan). A U-Net without a
+    checkpoint gets one whose outputs vary with the input (``alive_checkpoint``)."""
+    model = alive_checkpoint(tmp_path, model)
     make_input(tmp_path / "in.zarr" / "raw", data, voxel_size, offset, channels)
     workflow = {
         "input": {"container": "in.zarr", "dataset": "raw", "normalize": normalize},
@@ -79,6 +83,30 @@ def run_case(
         plan,
     )
     return read_output(tmp_path / "out.zarr" / "pred"), expected, plan
+
+
+@pytest.mark.parametrize(
+    "unet",
+    [
+        UNET_3D,
+        {**UNET_3D, "upsample_factors": [[2, 2, 2]]},
+        {**UNET_3D, "input_shape": [28, 28], "downsample_factors": [[2, 2]]},
+    ],
+)
+def test_the_test_unets_outputs_depend_on_their_input(unet):
+    """Equivalence means something only if the model's output varies with its input:
+    a misplaced block must not match by chance."""
+    model = enliven(
+        build_model(ModelConfig.model_validate({"unet": unet, "head": {"out_channels": 2}}))
+    )
+    volume = volume_of((40, 40, 40)).astype(np.float32) / 255
+    dims = len(unet["input_shape"])
+    blocks = [volume[(0,) * (3 - dims) + (slice(o, o + 28),) * dims] for o in (0, 12)]
+    with torch.no_grad():
+        a, b = (
+            model(torch.from_numpy(np.ascontiguousarray(x))[None, None])[0].numpy() for x in blocks
+        )
+    assert a.std() > 0.01 and max_abs_diff(a, b) > 0.1
 
 
 def test_3d_isotropic(tmp_path, cluster_address):

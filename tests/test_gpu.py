@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import (
     UNET_3D,
+    alive_checkpoint,
+    enliven,
     make_input,
     max_abs_diff,
     read_output,
@@ -41,13 +43,15 @@ GPU_FP32 = 2e-3
 
 
 def _model() -> torch.nn.Module:
-    return build_model(ModelConfig.model_validate({"unet": UNET_3D, "head": {"out_channels": 2}}))
+    return enliven(
+        build_model(ModelConfig.model_validate({"unet": UNET_3D, "head": {"out_channels": 2}}))
+    )
 
 
 def _predict(tmp_path: Path, data: np.ndarray, execution: dict[str, Any], name: str) -> Any:
     workflow = {
         "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UNET_3D, "head": {"out_channels": 2}},
+        "model": alive_checkpoint(tmp_path, {"unet": UNET_3D, "head": {"out_channels": 2}}),
         "output": {"container": "out.zarr", "dataset": name},
         "cluster": {"device": "cuda", "dashboard_address": ":0"},
         "execution": {"max_retries": 0, **execution},

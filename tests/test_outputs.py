@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_input, max_abs_diff, read_output, volume_of, write_workflow
+from conftest import (
+    alive_checkpoint,
+    make_input,
+    max_abs_diff,
+    read_output,
+    volume_of,
+    write_workflow,
+)
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 from test_bad_input import Project, assert_rejected
@@ -108,7 +115,7 @@ def test_readers_see_every_level_of_an_upsampling_unet(tmp_path, cluster_address
     make_input(tmp_path / "in.zarr" / "raw", volume_of((40, 40, 40)), (8, 8, 8), (80, 0, 40))
     workflow = {
         "input": {"container": "in.zarr", "dataset": "raw"},
-        "model": {"unet": UPSAMPLING_UNET, "head": {"out_channels": 2}},
+        "model": alive_checkpoint(tmp_path, {"unet": UPSAMPLING_UNET, "head": {"out_channels": 2}}),
         "output": {
             "container": "out.zarr",
             "dataset": "pred",

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    alive_checkpoint,
     cli_in_process,
+    enliven,
     make_input,
     max_abs_diff,
     read_output,
@@ -113,7 +115,7 @@ def _unet_run(root: Path, address: str, name: str, **execution: object) -> np.nd
         root / f"{name}.yaml",
         {
             "input": {"container": "in.zarr", "dataset": "raw"},
-            "model": {"unet": UNET, "head": {"out_channels": 2}},
+            "model": alive_checkpoint(root, {"unet": UNET, "head": {"out_channels": 2}}),
             "output": {"container": "out.zarr", "dataset": name},
             "cluster": {"type": "address", "address": address},
             "execution": execution,
@@ -133,14 +135,16 @@ def test_pipelined_auto_sized_and_batched_runs_equal_one_block_at_a_time(tmp_pat
     assert np.array_equal(one, auto) and np.array_equal(one, many)  # bit for bit
     assert np.array_equal(one, io)
     batched = _unet_run(tmp_path, cluster_address, "batched", batch_size=4, blocks_per_task=7)
-    # torch's CPU convolution picks other kernels for a batch of 4 (3e-8 measured): fp32 rounding
-    assert max_abs_diff(one, batched) <= 1e-6
+    # torch's CPU convolution picks other kernels for a batch of 4: fp32 rounding (2.6e-6
+    # measured, on outputs of order 0.1)
+    assert max_abs_diff(one, batched) <= 1e-5
     bf16 = _unet_run(tmp_path, cluster_address, "bf16", precision="bf16")
     assert 0 < max_abs_diff(one, bf16) <= TOLERANCE["bf16"]
 
 
 def _model(out_channels: int = 2) -> torch.nn.Module:
-    return build_model(ModelConfig.model_validate({"unet": UNET, "head": {"out_channels": 2}}))
+    config = {"unet": UNET, "head": {"out_channels": out_channels}}
+    return enliven(build_model(ModelConfig.model_validate(config)))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
