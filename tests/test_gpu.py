@@ -37,9 +37,13 @@ from blockpredict.workflow import predict_workflow, prepare_workflow
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# fp32 on a GPU against the CPU: cuDNN's convolutions on Ampere and newer run in TF32
-# by default (torch.backends.cudnn.allow_tf32), a 10-bit mantissa
-GPU_FP32 = 2e-3
+
+def tf32_tolerance(expected: np.ndarray) -> float:
+    """fp32 on a GPU against the CPU: cuDNN's convolutions on Ampere and newer run in TF32
+    by default (torch.backends.cudnn.allow_tf32), a 10-bit mantissa, about 1e-3 relative
+    per layer; 1% of the output's range allows that and still sees a misplaced block
+    (whose outputs differ by about 0.4, see conftest.enliven)."""
+    return 1e-2 * float(expected.max() - expected.min())
 
 
 def _model() -> torch.nn.Module:
@@ -88,7 +92,7 @@ def test_a_run_on_the_gpu_equals_the_whole_volume_forward(tmp_path, monkeypatch)
     for name, got in outputs.items():
         error = max_abs_diff(got, expected)
         print(f"{name}: max |gpu - cpu| = {error:.2e}")
-        assert error <= GPU_FP32, name
+        assert error <= tf32_tolerance(expected), name
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -130,7 +134,7 @@ def test_compile_on_the_gpu_equals_eager():
     got = compiled(blocks)
     assert compiled.compiled is not None, "torch.compile fell back on a GPU"
     for a, b in zip(eager, got, strict=True):
-        assert max_abs_diff(a, b) <= GPU_FP32
+        assert max_abs_diff(a, b) <= tf32_tolerance(a)
 
 
 def _visible() -> dict[str, Any]:
