@@ -6,10 +6,10 @@ group i+1 is read and normalized and group i-1 is converted and written (with
 several I/O threads, the next ``io_threads`` groups are read and the last
 ``io_threads`` written at once: a GPU's forward outruns one reader and one
 writer). Tasks only feed it: a task's blocks join the queue behind the previous
-task's, so the stages do not drain between tasks. ``entered`` (the worker passes Dask's ``secede``) is called in the
-task's thread once the reader has taken the task's last group: the worker
-then starts its next task, whose first read overlaps this task's last
-forward and write.
+task's, so the stages do not drain between tasks. ``entered`` (the worker passes
+Dask's ``secede``) is called in the task's thread once the reader has taken the
+task's last group: the worker then starts its next task, whose first read
+overlaps this task's last forward and write.
 
 A group is ``group`` whole batches: one batch for large blocks, more for
 small ones, up to about ``GROUP_BYTES`` of input (``GPU_GROUP_BYTES`` on a GPU),
