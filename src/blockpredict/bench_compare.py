@@ -22,9 +22,6 @@ from .bench import UNET, _cube, _median, _workflow
 # the quick variant: same layers, tiny blocks (28^3 -> 12^3), 2^3 blocks of it
 QUICK_UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
 
-GPU_BATCH = 4  # the engine's second run and the limit's second layout on a GPU
-
-
 def bench_device_of(setting: str) -> str:
     """``cuda`` where ``setting`` (auto, cpu, cuda) picks a visible GPU, else ``cpu``."""
     if setting == "cpu" or not torch.cuda.is_available():
@@ -48,7 +45,7 @@ def bench_compare(
 
     ``k`` blocks per axis (default 4 on the CPU, 8 on a GPU; quick 2).
     """
-    from .benchmodes import dask_array, engine, limit, naive
+    from .benchmodes import GPU_BATCH, dask_array, engine, limit, naive
 
     unet = QUICK_UNET if quick else UNET
     default_k = 2 if quick else (8 if device == "cuda" else 4)

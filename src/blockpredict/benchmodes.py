@@ -78,13 +78,17 @@ print(json.dumps({"seconds": time.perf_counter() - t}))
 """
 
 
+GPU_BATCH = 4  # on a GPU: the limit's second layout, and the engine's second run
+
+
 def limit(
     model: dict[str, Any], blocks: int, block_voxels: int, cores: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Bare forwards on a preloaded tensor, ``blocks`` in all: on the CPU the best of
-    (core layout x allocator), on a GPU the best of batch sizes 1 and 4 (one process)."""
+    (core layout x allocator), on a GPU the best of batch sizes 1 and ``GPU_BATCH``
+    (one process)."""
     if device == "cuda":
-        layouts = [(1, cores, batch, False) for batch in (1, 4)]
+        layouts = [(1, cores, batch, False) for batch in (1, GPU_BATCH)]
     else:
         layouts = [(p, t, 1, kept) for kept in (False, True) for p, t in ((1, cores), (cores, 1))]
     rows = []
