@@ -5,6 +5,7 @@ Speed itself is measured by ``blockpredict bench``, never here.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,52 @@ def test_local_workers_see_allocator_thread_and_user_variables():
         assert env["BLOCKPREDICT_EXTRA"] == "yes"  # and adds
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"  # 2 cores, 2 workers
         assert env["profiler"] == "False"  # seceding tasks would race Dask's sampler
+
+
+WARM = """
+import json, os, sys
+from pathlib import Path
+from blockpredict.cluster import connect
+from blockpredict.config import ClusterConfig
+
+def seen():
+    raw = Path("/proc/self/environ").read_bytes().split(b"\\0")  # as the process started
+    start = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    names = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "EXTRA")
+    return {"parent": os.getppid(), "torch": "torch" in sys.modules,
+            "start": {name: start.get(name) for name in names}}
+
+runs = {}
+for name, env in (("first", {}), ("other", {"MALLOC_ARENA_MAX": "2", "EXTRA": "y"}), ("again", {})):
+    config = {"n_workers": 2, "dashboard_address": ":0", "device": "cpu", "worker_env": env}
+    with connect(ClusterConfig.model_validate(config)) as client:
+        runs[name] = list(client.run(seen).values())
+print(json.dumps({"client": os.getpid(), **runs}))
+"""
+
+
+def test_local_cpu_workers_start_warm_unless_their_start_environment_differs():
+    """Local CPU workers fork from a process that imported torch and started with their
+    allocator variables; a cluster whose workers need other start-time variables in the
+    same Python process spawns them, with those variables, as before. The workflow's
+    variables win over the ones this process has (Dask's nanny prefers those)."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}  # as an earlier nanny leaves it
+    out = subprocess.run(
+        [sys.executable, "-c", WARM], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    client, first, other, again = seen["client"], seen["first"], seen["other"], seen["again"]
+    kept = {**ALLOCATOR_ENV, "EXTRA": None}
+    forkserver = {worker["parent"] for worker in first}
+    assert len(forkserver) == 1 and client not in forkserver  # forked, not spawned
+    for worker in first + again:
+        assert worker["torch"]  # imported before the worker started
+        assert worker["start"] == kept  # what glibc read as the process started
+    assert {worker["parent"] for worker in again} == forkserver
+    for worker in other:
+        assert worker["parent"] == client and not worker["torch"]  # spawned
+        assert worker["start"] == {**kept, "MALLOC_ARENA_MAX": "2", "EXTRA": "y"}
 
 
 def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):

@@ -26,11 +26,16 @@ jobs (workers and the driver) as ``export`` lines before the command.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import dask
+
+if TYPE_CHECKING:
+    from .config import ClusterConfig
 
 # glibc: one arena, no mmap for large buffers, never give memory back to the system
 ALLOCATOR_ENV = {
@@ -52,6 +57,18 @@ DASK_ENV = {  # the same settings as Dask reads them from the environment
 PRE_SPAWN = "distributed.nanny.pre-spawn-environ"
 
 
+def torch_threads(config: ClusterConfig) -> int:
+    """Torch threads per worker on the CPU: the worker's share of the cores.
+
+    A worker runs one forward at a time (its pipeline's forward stage), whatever its
+    Dask threads, so a local worker's share is ``cores // n_workers``.
+    """
+    if config.type != "local":
+        return config.threads_per_worker  # a batch job's cores are its workers' threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // config.n_workers)
+
+
 def worker_environment(
     threads: int, overrides: Mapping[str, str] | None = None, gpu: bool = False
 ) -> dict[str, str]:
@@ -69,13 +86,32 @@ def nanny_environment(env: Mapping[str, str]) -> Iterator[None]:
     """Nannies created inside this block start their workers with ``env`` (and
     ``DASK_CONFIG``).
 
-    The nanny reads ``pre-spawn-environ`` when it is created and again for each
-    restart, from the values it captured then, so a worker restarted after a
-    hung block gets the same environment.
+    The nanny reads ``pre-spawn-environ`` when it is created, preferring this process's
+    variables to the config's values: so ``env`` is also set here for the block. Else a
+    variable exported in the shell, or left by an earlier cluster's nanny in this process
+    (it sets them for good), wins: workers started with Dask's ``MALLOC_TRIM_THRESHOLD_``
+    of 65536, or a second run's ``worker_env`` was ignored. A restart uses the values the
+    nanny captured, so a worker restarted after a hung block gets the same environment.
     """
     merged = {**dask.config.get(PRE_SPAWN, {}), **env}
-    with dask.config.set({PRE_SPAWN: merged, **DASK_CONFIG}):
+    with dask.config.set({PRE_SPAWN: merged, **DASK_CONFIG}), process_environment(env):
         yield
+
+
+@contextmanager
+def process_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """This process's environment with ``env`` set, restored after the block: what a
+    process started inside it inherits."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def export_lines(env: Mapping[str, str]) -> list[str]:
