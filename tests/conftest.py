@@ -392,8 +392,13 @@ def cli_process(
 
 
 def worker_processes(pid: int) -> list[Any]:
-    """The Dask worker processes (``spawn_main``) below process ``pid``, as psutil sees them."""
+    """The Dask worker processes below process ``pid``, as psutil sees them: spawned
+    (``spawn_main``) or forked by the forkserver of a warm start (its children)."""
     import psutil
 
+    def forked(p: Any) -> bool:
+        parent = p.parent()
+        return parent is not None and "forkserver" in " ".join(parent.cmdline())
+
     children = psutil.Process(pid).children(recursive=True)
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline()) or forked(p)]

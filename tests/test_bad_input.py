@@ -561,3 +561,30 @@ def test_bad_input_fails_fast(project: Project) -> None:
     baseline = project.plan(real=True)
     assert baseline.returncode == 0, baseline.stderr
     assert bad.elapsed < baseline.elapsed + 5.0, (bad.elapsed, baseline.elapsed)  # type: ignore[attr-defined]
+
+
+def test_a_rejected_run_leaves_no_forkserver_behind(project: Project) -> None:
+    """A local CPU run starts the forkserver its workers fork from as soon as the workflow
+    is read; a check after that which rejects the workflow ends it with the command.
+    Its output goes to a file: a pipe would wait for every process that holds it."""
+    import re
+
+    import psutil
+
+    project.workflow["output"]["roi"] = {"offset": [0, 0, 0], "shape": [5, 5, 5]}
+    project.workflow["cluster"]["device"] = "cpu"
+    workflow = project.write_workflow()
+    with open(project.root / "stderr.txt", "w") as err:
+        code = subprocess.run(
+            [sys.executable, "-m", "blockpredict.cli", "--debug", "predict", str(workflow)],
+            cwd=project.root,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=TIMEOUT_S,
+        ).returncode
+    text = (project.root / "stderr.txt").read_text()
+    assert code != 0 and "GeometryError" in text, text[-2000:]
+    started = re.search(r"forkserver (\d+) started", text)
+    assert started, text[-2000:]  # the forkserver started before the check
+    assert not psutil.pid_exists(int(started.group(1)))  # and is gone with the command
+    assert not project.output.exists()

@@ -226,6 +226,9 @@ def _predict(args: argparse.Namespace) -> int:
     workflow = load_workflow(args.workflow, overrides)
     if args.report:
         check_report_path(args.report)
+    from .warm_start import begin_for
+
+    begin_for(workflow.cluster)  # local workers' imports overlap the client's own
     from .workflow import predict_workflow  # torch, zarr and Dask: after the cheap checks
 
     report = predict_workflow(workflow, progress=not args.no_progress)

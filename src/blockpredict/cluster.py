@@ -11,10 +11,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import dask
 from distributed import Client, LocalCluster
 
+from . import warm_start
 from .config import ClusterConfig
-from .environment import nanny_environment, worker_environment
+from .environment import nanny_environment, torch_threads, worker_environment
 from .errors import ConfigError
 from .worker_signals import worker_preloads, workers_ignore_sigint
 
@@ -50,9 +52,13 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         )
     gpus = local_gpus(config)
     env = worker_environment(torch_threads(config), config.worker_env, gpu=bool(gpus))
+    # CPU workers fork from a process that already imported torch (started early by the
+    # CLI, else now), for this run's restarts too; GPU workers spawn
+    warm = not gpus and warm_start.begin(env, config.worker_env)
+    method = {warm_start.METHOD: "forkserver"} if warm else {}
     # workers ignore a terminal's Ctrl-C (it reaches the driver only), restarted ones too
     # (a preload), and get their allocator and thread variables before each one starts
-    with workers_ignore_sigint(), nanny_environment(env):
+    with dask.config.set(method), workers_ignore_sigint(), nanny_environment(env):
         if gpus:
             cluster = gpu_cluster(config, gpus, env)
         else:
@@ -66,7 +72,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
                 env=env,  # wins over variables already set in this process
                 preload=worker_preloads(),
             )
-    with cluster, Client(cluster) as client:
+    with dask.config.set(method), cluster, Client(cluster) as client:
         yield client
 
 
@@ -79,18 +85,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def torch_threads(config: ClusterConfig) -> int:
-    """Torch threads per worker on the CPU: the worker's share of the cores.
-
-    A worker runs one forward at a time (its pipeline's forward stage), whatever its
-    Dask threads, so a local worker's share is ``cores // n_workers``.
-    """
-    if config.type != "local":
-        return config.threads_per_worker  # a batch job's cores are its workers' threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // config.n_workers)
 
 
 from distributed import SpecCluster  # noqa: E402 (used by the GPU layout below)

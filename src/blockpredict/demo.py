@@ -22,8 +22,9 @@ from funlib.geometry import Coordinate
 from funlib.persistence import prepare_ds
 
 from .build import build_model
-from .config import ModelConfig, load_workflow
+from .config import ClusterConfig, ModelConfig, load_workflow
 from .preview import write_preview
+from .warm_start import begin_for
 from .workflow import predict_workflow
 
 SHAPE = (128, 192, 192)
@@ -151,6 +152,9 @@ def _small_valid_shape(model: Any, min_output: int = 16) -> tuple[tuple[int, ...
     return tuple(full), model.compute_output_shape(full)
 
 
+CLUSTER = {"type": "local", "n_workers": 2, "threads_per_worker": 1}
+
+
 def write_demo_files(folder: Path) -> Path:
     """Volume, checkpoint and workflow under ``folder``; returns the workflow path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,7 +185,7 @@ def write_demo_files(folder: Path) -> Path:
             "border": "valid",
             "overwrite": True,
         },
-        "cluster": {"type": "local", "n_workers": 2, "threads_per_worker": 1},
+        "cluster": CLUSTER,
         "execution": {"max_retries": 2},
     }
     path = folder / "workflow.yaml"
@@ -214,6 +218,7 @@ def run_demo(folder: Path, dashboard_linger: float | None = None) -> int:
     """Make the demo files and predict them on a local cluster; with ``dashboard_linger``,
     the dashboard page stays up that many seconds after the run."""
     folder = folder.resolve()
+    begin_for(ClusterConfig.model_validate(CLUSTER))  # the workers' imports overlap training
     print(
         f"writing a synthetic {SHAPE} volume and a U-Net trained on it ({TRAIN_STEPS} steps) "
         f"to {folder}",

@@ -1,0 +1,107 @@
+"""Local CPU workers forked from a process that already imported torch: a warm start.
+
+A worker process spawned fresh imports Python, Dask and torch before it can load the
+model: 4.5 s of CPU per worker on the development machine, started only once the client
+has imported torch itself (3.6 s) and started the cluster, one after the other. Instead,
+as soon as the workflow is read (:func:`begin_for`), multiprocessing's forkserver starts
+and imports the workers' modules once, on a core the client leaves idle while it imports
+its own; each local worker is then a fork of it, and a worker restarted after a hung
+block too.
+
+What a process reads only as it starts is fixed in the forkserver: glibc's allocator
+variables, and whatever a user's ``worker_env`` sets (``LD_PRELOAD`` for another
+allocator, say). So the forkserver starts with the workers' environment
+(:func:`~blockpredict.environment.worker_environment`), and a cluster whose workers need
+other such values (another ``worker_env`` in the same Python process) spawns them as
+before. Each worker still gets its whole environment from its nanny as it starts, and
+torch's threads are set by the worker (``torch.set_num_threads``), so clusters of
+different sizes share the forkserver. GPU workers always spawn: each must see only its own
+GPU from its start, and a fork must never inherit a CUDA context.
+
+The forkserver ignores SIGINT (a terminal's Ctrl-C reaches the driver alone) and is
+killed when the process that started it exits: a run that stops on bad input before
+its cluster starts must not leave it importing torch, holding the command's output
+pipes open.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import logging
+import multiprocessing.forkserver as forkserver
+import os
+import signal
+from collections.abc import Iterable, Mapping
+
+from .config import ClusterConfig
+from .environment import ALLOCATOR_ENV, process_environment, torch_threads, worker_environment
+
+logger = logging.getLogger(__name__)
+
+# what a worker imports before its first block (the rest of blockpredict comes with these)
+PRELOAD = ["torch", "blockpredict.worker", "blockpredict.worker_signals"]
+METHOD = "distributed.worker.multiprocessing-method"
+
+_started_with: dict[str, str] | None = None  # the forkserver's environment, once started
+_started_user: set[str] = set()  # the variables a user's worker_env set in it
+
+
+def cpu_cluster(config: ClusterConfig) -> bool:
+    """A local cluster whose workers run on the CPU, told without importing torch.
+
+    ``device: auto`` counts as the CPU only where no GPU device file exists; the
+    cluster decides again, with torch, when it starts.
+    """
+    if config.type != "local" or config.device == "cuda":
+        return False
+    return config.device == "cpu" or not (
+        glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+    )
+
+
+def cpu_environment(config: ClusterConfig) -> dict[str, str]:
+    """The environment a local cluster's CPU workers start with."""
+    return worker_environment(torch_threads(config), config.worker_env, gpu=False)
+
+
+def begin_for(config: ClusterConfig) -> None:
+    """Start the forkserver now if this run's workers will be local CPU workers, so
+    that their imports overlap the client's."""
+    if cpu_cluster(config):
+        begin(cpu_environment(config), config.worker_env)
+
+
+def begin(env: Mapping[str, str], user: Iterable[str] = ()) -> bool:
+    """Start the forkserver with ``env`` unless it runs; whether workers forked from it
+    start as ``env`` asks (the allocator variables and the ``user``'s variables agree)."""
+    global _started_with, _started_user
+    if _started_with is None:
+        forkserver.set_forkserver_preload(PRELOAD)
+        try:
+            with process_environment(env):  # the forkserver inherits it
+                forkserver.ensure_running()
+        except OSError as e:  # workers spawn as before
+            logger.debug("no forkserver: %s", e)
+            return False
+        _started_with, _started_user = dict(env), set(user)
+        atexit.register(_stop)
+        logger.debug("forkserver %s started for local CPU workers", _pid())
+    fixed = {*ALLOCATOR_ENV, *_started_user, *user}
+    return all(_started_with.get(name) == env.get(name) for name in fixed)
+
+
+def _stop() -> None:
+    """Kill the forkserver (at exit; the workers it forked are gone or on their own)."""
+    pid = _pid()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _pid() -> int | None:
+    """The forkserver's process id (multiprocessing keeps it on its private singleton)."""
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
