@@ -77,6 +77,20 @@ def test_compute_output_shape() -> None:
         model.compute_output_shape((30, 20))  # type: ignore[arg-type]
 
 
+def test_a_known_output_shape_skips_the_dummy_forward() -> None:
+    """A worker rebuilds the client's model with the shapes the client found: no forward
+    runs while the model is built (it cost a whole forward before the first block)."""
+    calls = []
+    arch = TinyArch()
+    arch.register_forward_hook(lambda *args: calls.append(1))
+    model = Model(arch, torch.nn.Identity(), output_shape=(5, Coordinate((8, 6))))
+    assert not calls
+    assert model.num_out_channels == 5 and model.output_shape == Coordinate((8, 6))
+    assert isinstance(model.output_shape, Coordinate)
+    Model(arch, torch.nn.Identity())
+    assert calls == [1]  # DaCapo's way, without it
+
+
 def test_compute_output_shape_keeps_batchnorm_stats() -> None:
     arch = TinyArch()
     bn = arch.net[1]

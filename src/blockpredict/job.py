@@ -25,6 +25,8 @@ class Job:
     model object passed from Python (serialized once, with the plugin).
     ``batch_size`` blocks share one forward; ``precision`` and ``compile`` say
     how that forward runs; ``io_threads`` reader and writer threads feed it.
+    ``model_shape`` (output channels and shape at the model's input shape, as the client
+    built it) spares a worker the dummy forward that finds them.
     """
 
     plan: BlockPlan
@@ -38,6 +40,7 @@ class Job:
     precision: Precision = "fp32"
     compile: bool = False
     io_threads: int | Literal["auto"] = "auto"
+    model_shape: tuple[int, tuple[int, ...]] | None = None  # the client's Model.output_shape
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ class ModelPlugin(WorkerPlugin):
         reason = unsupported(job.precision, self.device)
         if reason:
             raise RuntimeError(f"execution.precision {job.precision}: {reason}")
-        model = build_model(job.model) if isinstance(job.model, ModelConfig) else job.model
+        config = job.model
+        model = build_model(config, job.model_shape) if isinstance(config, ModelConfig) else config
         self.model = place(model, self.device)
         # the geometry a worker computes with for every block, as plain ints
         self._read_shape = tuple(int(v) for v in job.plan.read_size)

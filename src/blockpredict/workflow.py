@@ -72,6 +72,7 @@ class Prepared:
     resume: bool = False  # an output and a ledger of this geometry exist: skip done blocks
     warnings: tuple[str, ...] = ()  # about the model, for plan to print
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what decides the values
+    model_shape: tuple[int, tuple[int, ...]] | None = None  # the built model's output_shape
 
     @property
     def output_path(self) -> str:
@@ -140,9 +141,18 @@ def prepare(
         model_source,
         warnings=warnings,
         fingerprint=fingerprint,
+        model_shape=_model_shape(model),
     )
     prepared.output_info()  # shard, chunk, pyramid and channel-group errors before anything runs
     return _check_existing(prepared, execution or ExecutionConfig())
+
+
+def _model_shape(model: Any) -> tuple[int, tuple[int, ...]] | None:
+    """The model's output channels and shape at its input shape, where it has them."""
+    channels, shape = getattr(model, "num_out_channels", None), getattr(model, "output_shape", None)
+    if channels is None or shape is None:
+        return None
+    return int(channels), tuple(int(v) for v in shape)
 
 
 def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[BlockPlan, int]:
@@ -304,6 +314,7 @@ def execute(
         precision=execution.precision,
         compile=execution.compile,
         io_threads=execution.io_threads,
+        model_shape=prepared.model_shape,
     )
     check_precision(execution.precision, cluster.device, cluster.gpus_per_job > 0)
     install()  # our page, in the dashboard of the scheduler that connect() starts
