@@ -192,3 +192,58 @@ def test_loaders_missing_and_bad_files(tmp_path: Path) -> None:
     for load in (load_torchscript, load_exported):
         with pytest.raises(ModelError, match="junk.pt2"):
             load(junk)
+
+
+SLIM_K = [[1, 3, 3], [1, 3, 3]]
+SLIM_CASES = [
+    {
+        "input_shape": [108, 108, 108],
+        "num_fmaps": 12,
+        "fmap_inc_factor": 3,
+        "downsample_factors": [[2, 2, 2]],
+    },
+    {
+        "input_shape": [5, 44, 44],
+        "num_fmaps": 4,
+        "downsample_factors": [[1, 2, 2], [1, 2, 2]],
+        "kernel_size_down": [SLIM_K] * 3,
+        "kernel_size_up": [SLIM_K] * 2,
+        "fmaps_out": 5,
+    },
+    {
+        "input_shape": [64, 64],
+        "num_fmaps": 4,
+        "downsample_factors": [[2, 2]],
+        "padding": "same",
+        "use_attention": True,
+        "constant_upsample": False,
+        "batch_norm": True,
+    },
+    {
+        "input_shape": [44, 44],
+        "num_fmaps": 4,
+        "downsample_factors": [[2, 2]],
+        "upsample_factors": [[2, 2]],
+        "eval_shape_increase": [20, 20],
+        "fmaps_in": 2,
+    },
+]
+
+
+@pytest.mark.parametrize("unet", SLIM_CASES)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_built_unets_shapes_are_its_forwards(unet: dict, kernel: int) -> None:
+    """``build_model`` finds a U-Net's output shape with a slim twin (one feature map per
+    level); the real model's forward gives the same channels and shape."""
+    from blockpredict.build import build_model
+    from blockpredict.config import ModelConfig
+
+    config = ModelConfig.model_validate(
+        {"unet": unet, "head": {"out_channels": 3, "kernel_size": kernel}}
+    )
+    model = build_model(config)
+    x = torch.zeros(1, model.num_in_channels, *model.input_shape)
+    with torch.no_grad():
+        y = model(x)
+    assert model.num_out_channels == y.shape[1] == 3
+    assert model.output_shape == Coordinate(y.shape[2:])
