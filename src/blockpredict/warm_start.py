@@ -18,10 +18,10 @@ torch's threads are set by the worker (``torch.set_num_threads``), so clusters o
 different sizes share the forkserver. GPU workers always spawn: each must see only its own
 GPU from its start, and a fork must never inherit a CUDA context.
 
-The forkserver ignores SIGINT (a terminal's Ctrl-C reaches the driver alone) and is
-killed when the process that started it exits: a run that stops on bad input before
-its cluster starts must not leave it importing torch, holding the command's output
-pipes open.
+The forkserver and its forks ignore SIGINT from their start (a terminal's Ctrl-C
+reaches the driver alone), and the forkserver is killed when the process that started
+it exits: a run that stops on bad input before its cluster starts must not leave it
+importing torch, holding the command's output pipes open.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import glob
 import logging
+import multiprocessing
 import multiprocessing.forkserver as forkserver
 import os
 import signal
@@ -36,6 +37,7 @@ from collections.abc import Iterable, Mapping
 
 from .config import ClusterConfig
 from .environment import ALLOCATOR_ENV, process_environment, torch_threads, worker_environment
+from .worker_signals import workers_ignore_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,14 @@ def begin(env: Mapping[str, str], user: Iterable[str] = ()) -> bool:
     """Start the forkserver with ``env`` unless it runs; whether workers forked from it
     start as ``env`` asks (the allocator variables and the ``user``'s variables agree)."""
     global _started_with, _started_user
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        return False
     if _started_with is None:
         forkserver.set_forkserver_preload(PRELOAD)
         try:
-            with process_environment(env):  # the forkserver inherits it
+            # the forkserver inherits this environment, and SIGINT ignored, which its
+            # forks keep from their first instruction (a terminal's Ctrl-C is the driver's)
+            with process_environment(env), workers_ignore_sigint():
                 forkserver.ensure_running()
         except OSError as e:  # workers spawn as before
             logger.debug("no forkserver: %s", e)
