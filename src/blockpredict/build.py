@@ -82,7 +82,7 @@ def _unet_output_shape(config: ModelConfig, head: Any) -> tuple[int, Any]:
     Shapes do not depend on feature maps, so the same U-Net with one feature map per
     level, and a one-channel head with the same kernel, finds them with the same code
     (``Model``'s dummy forward) at a fraction of the cost: the real U-Net's forward took
-    1.5-2 s of the client's start for the bench's 108^3 U-Net, and minutes for large
+    1.5-2 s of the client's start for the bench's 108^3 U-Net, and far more for large
     ones. Built after the real modules, so their seeded initial weights do not change;
     ``head`` is the real head's convolution.
     """

@@ -39,7 +39,6 @@ from .worker import ModelPlugin
 logger = logging.getLogger(__name__)
 
 
-
 class Dispatcher:
     """Keeps a bounded window of tasks in flight and accounts for each result."""
 
@@ -185,8 +184,8 @@ class Dispatcher:
         (signals and timeouts get a turn in between).
 
         The wait is on the condition ``as_completed`` notifies as each task finishes,
-        checked under it, so no finish is missed: polling every 5 ms cost the client a
-        quarter of its CPU in a run's steady state, CPU the workers' forwards share.
+        checked under it, so no finish is missed: polling every 5 ms took about a quarter
+        of the client's CPU samples in a run's steady state, CPU the workers' forwards share.
         """
         futures = self.futures
         if self.owner and not futures.has_ready():
