@@ -233,8 +233,8 @@ SLIM_CASES = [
 @pytest.mark.parametrize("unet", SLIM_CASES)
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_a_built_unets_shapes_are_its_forwards(unet: dict, kernel: int) -> None:
-    """``build_model`` finds a U-Net's output shape with a slim twin (one feature map per
-    level); the real model's forward gives the same channels and shape."""
+    """``build_model`` finds a U-Net's output shapes with a slim twin (one feature map per
+    level); the real model's forward gives the same channels and shapes."""
     from blockpredict.build import build_model
     from blockpredict.config import ModelConfig
 
@@ -247,3 +247,6 @@ def test_a_built_unets_shapes_are_its_forwards(unet: dict, kernel: int) -> None:
         y = model(x)
     assert model.num_out_channels == y.shape[1] == 3
     assert model.output_shape == Coordinate(y.shape[2:])
+    with torch.no_grad():  # and at the eval shape, which the plan uses
+        y = model(torch.zeros(1, model.num_in_channels, *model.eval_input_shape))
+    assert model.eval_output_shape == Coordinate(y.shape[2:])

@@ -42,10 +42,15 @@ def build_model(config: ModelConfig, output_shape: tuple[int, Any] | None = None
             else:
                 architecture = _architecture(config)
                 head = _head(config, architecture, state)
+                eval_output_shape = None
                 if output_shape is None and config.unet is not None:
-                    output_shape = _unet_output_shape(config, head)
+                    output_shape, eval_output_shape = _unet_shapes(config, head)
                 model = Model(
-                    architecture, head, eval_activation=activation, output_shape=output_shape
+                    architecture,
+                    head,
+                    eval_activation=activation,
+                    output_shape=output_shape,
+                    eval_output_shape=eval_output_shape,
                 )
         except ModelError:
             raise
@@ -76,22 +81,26 @@ def build_shapes(config: ModelConfig) -> Model:
         return build_model(config.model_copy(update=update))
 
 
-def _unet_output_shape(config: ModelConfig, head: Any) -> tuple[int, Any]:
-    """The U-Net's output channels and shape at its input shape, from a slim twin.
+def _unet_shapes(config: ModelConfig, head: Any) -> tuple[tuple[int, Any], Any]:
+    """The U-Net's output channels and shape at its input shape, and its output shape at
+    its eval input shape, from a slim twin.
 
     Shapes do not depend on feature maps, so the same U-Net with one feature map per
     level, and a one-channel head with the same kernel, finds them with the same code
     (``Model``'s dummy forward) at a fraction of the cost: the real U-Net's forward took
     1.5-2 s of the client's start for the bench's 108^3 U-Net, and far more for large
-    ones. Built after the real modules, so their seeded initial weights do not change;
-    ``head`` is the real head's convolution.
+    ones, twice where ``eval_shape_increase`` is set. Built after the real modules, so
+    their seeded initial weights do not change; ``head`` is the real head's convolution.
     """
     assert config.unet is not None
     slim = config.unet.model_copy(update={"num_fmaps": 1, "fmap_inc_factor": 1, "fmaps_out": 1})
     architecture = CNNectomeUNet(**slim.model_dump())
     conv = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[architecture.dims]
-    shape = Model(architecture, conv(1, 1, head.kernel_size)).output_shape
-    return int(head.out_channels), shape
+    twin = Model(architecture, conv(1, 1, head.kernel_size))
+    eval_shape = twin.output_shape
+    if twin.eval_input_shape != twin.input_shape:
+        eval_shape = twin.compute_output_shape(twin.eval_input_shape)[1]
+    return (int(head.out_channels), twin.output_shape), eval_shape
 
 
 def _architecture(config: ModelConfig) -> torch.nn.Module:

@@ -64,7 +64,9 @@ class Model(torch.nn.Module):
     running statistics untouched. ``output_shape`` (channels and spatial shape at
     ``input_shape``), where the caller already knows it, skips that dummy forward: a
     worker rebuilding the client's model paid a whole forward for it (1.5 s for the
-    bench's 108^3 U-Net on one core) before its first block.
+    bench's 108^3 U-Net on one core) before its first block. ``eval_output_shape``, the
+    spatial output shape at ``eval_input_shape`` where the caller knows it, spares the
+    plan another dummy forward at that (larger) shape.
     """
 
     num_out_channels: int
@@ -77,6 +79,7 @@ class Model(torch.nn.Module):
         eval_activation: torch.nn.Module | None = None,
         *,
         output_shape: tuple[int, Coordinate] | None = None,
+        eval_output_shape: Coordinate | None = None,
     ) -> None:
         super().__init__()
         self.architecture = architecture
@@ -89,6 +92,9 @@ class Model(torch.nn.Module):
         if output_shape is None:  # DaCapo's way: a dummy forward
             output_shape = self.compute_output_shape(self.input_shape)
         self.num_out_channels, self.output_shape = int(output_shape[0]), Coordinate(output_shape[1])
+        self.eval_output_shape = (
+            None if eval_output_shape is None else Coordinate(eval_output_shape)
+        )
         self.eval_activation = eval_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,7 @@ def check_channels(model_source: Any, channels: int) -> None:
     declared = getattr(model_source, "num_out_channels", None)
     if isinstance(declared, int) and declared != channels:
         raise ModelError(
-            f"the model returns {plural(channels, 'channel')}, "
-            f"the workflow declares {declared}",
+            f"the model returns {plural(channels, 'channel')}, the workflow declares {declared}",
             "model.num_out_channels",
             f"set num_out_channels: {channels} or fix the model",
         )
@@ -45,11 +44,15 @@ def probe_output_shape(model: Any, eval_input_shape: Coordinate) -> tuple[int, C
     """Channels and spatial output shape at the eval input shape.
 
     The Model computed its ``output_shape`` at ``input_shape`` when it was built
-    (a dummy forward); reuse it where the eval shape is the same.
+    (a dummy forward); reuse it where the eval shape is the same, and its
+    ``eval_output_shape`` where it knows one.
     """
     known = getattr(model, "output_shape", None)
     if known is not None and Coordinate(model.input_shape) == eval_input_shape:
         return int(model.num_out_channels), Coordinate(known)
+    known_eval = getattr(model, "eval_output_shape", None)  # a built U-Net's (build.py)
+    if known_eval is not None and Coordinate(model.eval_input_shape) == eval_input_shape:
+        return int(model.num_out_channels), Coordinate(known_eval)
     channels, shape = model.compute_output_shape(eval_input_shape)
     return int(channels), Coordinate(shape)
 
