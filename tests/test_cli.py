@@ -192,6 +192,22 @@ def test_python_api(tmp_path, cluster_address):
     assert max_abs_diff(got, expected) <= 1e-4
 
 
+def test_a_worker_imports_no_dask_array_or_pandas(tmp_path):
+    """What a worker imports before its first block (the forkserver's, or a spawned GPU
+    worker's, imports) leaves out funlib.persistence and what it brings: only the
+    client reads metadata with it."""
+    code = (
+        "import sys, blockpredict.worker\n"
+        "print(sorted(m for m in ('funlib.persistence', 'dask.array', 'xarray', 'pandas')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]"]
+
+
 def test_the_command_line_imports_no_torch_dask_or_zarr_until_used(tmp_path):
     """`blockpredict --version`, `--help` and a bad path answer without the heavy imports."""
     code = (

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import zarr
 from funlib.geometry import Coordinate, Roi
-from funlib.persistence import open_ds
 from zarr.core.sync import sync
 
 from . import ome
@@ -33,6 +32,16 @@ from .stores import check_container, is_url, join, open_array, remove, zarr_stor
 from .stores import exists as store_exists
 
 logger = logging.getLogger(__name__)
+
+
+def open_ds(*args: Any, **kwargs: Any) -> Any:
+    """funlib.persistence's ``open_ds``, imported on first use: funlib.persistence brings
+    dask.array, xarray and pandas (1 s of imports), which workers never need, and a
+    worker's imports are the last step before a run's first block (see warm_start)."""
+    from funlib.persistence import open_ds as funlib_open_ds
+
+    return funlib_open_ds(*args, **kwargs)
+
 
 INPUT_DTYPES = (
     "uint8",
