@@ -1,8 +1,8 @@
 """Local CPU workers forked from a process that already imported torch: a warm start.
 
 A worker process spawned fresh imports Python, Dask and torch before it can load the
-model: 4.5 s of CPU per worker on the development machine, started only once the client
-has imported torch itself (3.6 s) and started the cluster, one after the other. Instead,
+model: 2-3 s of CPU per worker on the development machine, started only once the client
+has imported torch itself and started the cluster, one after the other. Instead,
 as soon as the workflow is read (:func:`begin_for`), multiprocessing's forkserver starts
 and imports the workers' modules once, on a core the client leaves idle while it imports
 its own; each local worker is then a fork of it, and a worker restarted after a hung
