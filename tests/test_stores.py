@@ -35,6 +35,7 @@ from s3server import moto_server, set_auth
 import blockpredict
 from blockpredict import retries, stores
 from blockpredict.cache import ChunkCache
+from blockpredict.environment import process_environment
 from blockpredict.loopback import LoopbackProxy
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -52,17 +53,8 @@ NO_BOTO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "sta
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """moto on loopback; this process talks to it through the standard AWS variables."""
-    saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
-    with moto_server() as url:
-        os.environ.update(AWS, AWS_ENDPOINT_URL=url)
-        try:
-            yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_server() as url, process_environment({**AWS, "AWS_ENDPOINT_URL": url}):
+        yield url
 
 
 def s3fs_() -> object:

@@ -56,24 +56,25 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     # CLI, else now), for this run's restarts too; GPU workers spawn
     warm = not gpus and warm_start.begin(env, config.worker_env)
     method = {warm_start.METHOD: "forkserver"} if warm else {}
-    # workers ignore a terminal's Ctrl-C (it reaches the driver only), restarted ones too
-    # (a preload), and get their allocator and thread variables before each one starts
-    with dask.config.set(method), workers_ignore_sigint(), nanny_environment(env):
-        if gpus:
-            cluster = gpu_cluster(config, gpus, env)
-        else:
-            cluster = LocalCluster(
-                n_workers=config.n_workers,
-                threads_per_worker=config.threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=loopback(config.dashboard_address),
-                silence_logs=logging.ERROR,
-                env=env,  # wins over variables already set in this process
-                preload=worker_preloads(),
-            )
-    with dask.config.set(method), cluster, Client(cluster) as client:
-        yield client
+    with dask.config.set(method):  # for the cluster's start and every restart
+        # workers ignore a terminal's Ctrl-C (it reaches the driver only), restarted ones
+        # too (a preload), and get their allocator and thread variables before each starts
+        with workers_ignore_sigint(), nanny_environment(env):
+            if gpus:
+                cluster = gpu_cluster(config, gpus, env)
+            else:
+                cluster = LocalCluster(
+                    n_workers=config.n_workers,
+                    threads_per_worker=config.threads_per_worker,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=loopback(config.dashboard_address),
+                    silence_logs=logging.ERROR,
+                    env=env,  # wins over variables already set in this process
+                    preload=worker_preloads(),
+                )
+        with cluster, Client(cluster) as client:
+            yield client
 
 
 def loopback(address: str) -> str:
