@@ -52,6 +52,7 @@ def _read_env() -> dict[str, str | None]:
 
     seen: dict[str, str | None] = {name: os.environ.get(name) for name in VARS}
     seen["profiler"] = str(dask.config.get("distributed.worker.profile.enabled"))
+    seen["tick"] = str(dask.config.get("distributed.admin.tick.interval"))
     return seen
 
 
@@ -73,6 +74,7 @@ def test_local_workers_see_allocator_thread_and_user_variables():
         assert env["BLOCKPREDICT_EXTRA"] == "yes"  # and adds
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"  # 2 cores, 2 workers
         assert env["profiler"] == "False"  # seceding tasks would race Dask's sampler
+        assert env["tick"] == "500ms"  # not 50 wake-ups a second taken from the forward
 
 
 WARM = """
@@ -131,6 +133,7 @@ def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
     lines = job_script(ClusterConfig.model_validate(section)).splitlines()
     assert "export MALLOC_TRIM_THRESHOLD_=17179869184" in lines
     assert "export OMP_NUM_THREADS=3" in lines
+    assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms" in lines
     assert "export BLOCKPREDICT_EXTRA='a b'" in lines
     # the user's own prologue comes after ours, so it wins
     assert lines.index("export MALLOC_ARENA_MAX=4") > lines.index("export MALLOC_ARENA_MAX=1")
