@@ -274,9 +274,7 @@ def test_a_second_ctrl_c_stops_at_once(slow):
     # while the workers still load the model (2.7-2.9 s here), and a Ctrl-C then stops
     # the start-up instead (KeyboardInterrupt, "interrupted")
     events = tmp_path / "out.zarr" / "pred-events.jsonl"
-    while time.time() < deadline and not (
-        events.exists() and "run_started" in events.read_text()
-    ):
+    while time.time() < deadline and not (events.exists() and "run_started" in events.read_text()):
         time.sleep(0.2)
     time.sleep(2)  # the first block is running
     start = time.monotonic()
@@ -343,9 +341,7 @@ PROBE = textwrap.dedent(
 
 
 @pytest.mark.parametrize("refuse_meta", [False, True])
-def test_status_before_a_run_counts_blocks_without_loading_the_model(
-    tmp_path, capsys, refuse_meta
-):
+def test_status_before_a_run_counts_blocks_without_loading_the_model(tmp_path, capsys, refuse_meta):
     from blockpredict.cli import main
 
     module = f"probe_{refuse_meta}_{os.getpid()}"  # in-process: a module name of its own

@@ -22,6 +22,7 @@ from .bench import UNET, _cube, _median, _workflow
 # the quick variant: same layers, tiny blocks (28^3 -> 12^3), 2^3 blocks of it
 QUICK_UNET = {"input_shape": [28, 28, 28], "num_fmaps": 3, "downsample_factors": [[2, 2, 2]]}
 
+
 def bench_device_of(setting: str) -> str:
     """``cuda`` where ``setting`` (auto, cpu, cuda) picks a visible GPU, else ``cpu``."""
     if setting == "cpu" or not torch.cuda.is_available():

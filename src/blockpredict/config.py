@@ -35,7 +35,6 @@ class Strict(BaseModel):
 S = TypeVar("S", bound=Strict)
 
 
-
 class Scaling(Strict):
     """Explicit normalization: ``value * scale + shift``."""
 

@@ -128,7 +128,10 @@ def train(
     model.eval()
     logger.info(
         "trained the demo U-Net: %d steps of %s voxels in %.0f s, last loss %.3f",
-        done, "x".join(map(str, shape_in)), time.monotonic() - start, float(loss.detach()),
+        done,
+        "x".join(map(str, shape_in)),
+        time.monotonic() - start,
+        float(loss.detach()),
     )
     return done
 

@@ -43,9 +43,15 @@ def describe_plan(prepared: Prepared) -> str:
     rows = [
         ("input", f"{prepared.input.path} {prepared.input.dtype} ROI {prepared.input.roi}"),
         *(
-            [("input level", f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
-              f"{c(lv.voxel_size)} offset {c(lv.offset)}")]
-            if (lv := prepared.input.ome_level) else []
+            [
+                (
+                    "input level",
+                    f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
+                    f"{c(lv.voxel_size)} offset {c(lv.offset)}",
+                )
+            ]
+            if (lv := prepared.input.ome_level)
+            else []
         ),
         (
             "input voxel size",

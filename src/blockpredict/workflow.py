@@ -82,7 +82,11 @@ class Prepared:
         """The output's layout: images, levels, chunks, shards (checked at plan time)."""
         info = self.input
         return describe_output(
-            self.plan, self.output, self.num_out_channels, info.axis_names, info.units,
+            self.plan,
+            self.output,
+            self.num_out_channels,
+            info.axis_names,
+            info.units,
             info.zarr_format,
         )
 
@@ -208,12 +212,6 @@ def plan_blocks(info: InputInfo, output: OutputConfig, model: Any) -> tuple[Bloc
     return plan, int(channels)
 
 
-
-
-
-
-
-
 def _check_existing(prepared: Prepared, execution: ExecutionConfig) -> Prepared:
     """Resume where a ledger of the same geometry exists; never clobber unasked."""
     out = prepared.output
@@ -251,10 +249,6 @@ def _layout_dict(info: OutputInfo) -> dict[str, Any]:
             for image in info.images
         ],
     }
-
-
-
-
 
 
 def prepare_workflow(workflow: Workflow) -> Prepared:
