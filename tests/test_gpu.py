@@ -78,6 +78,7 @@ def test_a_run_on_the_gpu_equals_the_whole_volume_forward(tmp_path, monkeypatch)
         "auto": {},
         "grouped": {"blocks_per_task": 16},
         "batched": {"batch_size": 4, "blocks_per_task": 16},
+        "no graphs": {"cuda_graphs": False, "blocks_per_task": 16},
     }
     outputs = {}
     for name, execution in runs.items():
@@ -123,6 +124,51 @@ def test_the_staging_path_uses_pinned_buffers_and_keeps_the_last_output():
     with torch.no_grad():
         plain = model(torch.from_numpy(blocks[1])[None].cuda()).cpu().numpy()[0]
     assert np.array_equal(second, plain)
+
+
+def test_a_captured_forward_replays_what_the_model_computes():
+    """The second forward of a batch shape is captured and later ones replay it (two shapes at
+    most): each output equals the model's own forward, and no replay overwrites an output
+    that was already returned (the writer may still hold it)."""
+    model = _model().eval().cuda()
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(5)]
+    device = torch.device("cuda")
+    graphed = Forward(model, device, (12, 12, 12), 3, cuda_graphs=True)
+    singles = [graphed([b])[0] for b in blocks]  # eager, eager then captured, replays
+    kept = [s.copy() for s in singles]
+    pairs = [graphed(blocks[i : i + 2]) for i in range(4)]  # a second shape, captured too
+    assert sorted(graphed.graphs) == [(1, 1, 28, 28, 28), (2, 1, 28, 28, 28)]
+    graphed([blocks[0]] * 3)  # a third shape runs as it is
+    assert len(graphed.graphs) == 2
+    with torch.no_grad():
+        expected = [model(torch.from_numpy(b)[None].cuda()).cpu().numpy()[0] for b in blocks]
+    for got, old, want in zip(singles, kept, expected, strict=True):
+        assert np.array_equal(got, old)
+        error = max_abs_diff(got, want)
+        print(f"replayed: max |graph - model| = {error:.2e}")
+        assert error <= tf32_tolerance(want)  # the same kernels: 0 expected
+    for i, pair in enumerate(pairs):
+        for got, want in zip(pair, expected[i : i + 2], strict=True):
+            assert max_abs_diff(got, want) <= tf32_tolerance(want)
+
+
+class _Syncing(torch.nn.Module):
+    """A model that reads a value back to the host in its forward: it cannot be captured."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 2.0 if float(x.mean()) >= 0 else 1.0  # synchronizes with the host
+        return x[:, :, 8:-8, 8:-8, 8:-8] * scale
+
+
+def test_a_model_that_cannot_be_captured_runs_as_it_is_with_one_warning():
+    device = torch.device("cuda")
+    forward = Forward(_Syncing().cuda(), device, (12, 12, 12), 3, cuda_graphs=True)
+    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(4)]
+    with pytest.warns(RuntimeWarning, match="execution.cuda_graphs: capture failed") as seen:
+        outputs = [forward([b])[0] for b in blocks]
+    assert len(seen) == 1 and not forward.graphs and not forward.graphs_on
+    for got, block in zip(outputs, blocks, strict=True):
+        assert np.array_equal(got, 2 * block[:, 8:-8, 8:-8, 8:-8])
 
 
 def test_compile_on_the_gpu_equals_eager():

@@ -472,6 +472,7 @@ def test_task_sizes_auto_and_forced():
         ("execution.io_threads=0", ["execution.io_threads"]),
         ("execution.precision=fp8", ["execution.precision", "'fp32', 'fp16' or 'bf16'"]),
         ("execution.blocks_per_task=0", ["execution.blocks_per_task"]),
+        ("execution.cuda_graphs=sometimes", ["execution.cuda_graphs", "boolean"]),
         ("cluster.worker_env={OMP_NUM_THREADS: 4}", ["cluster.worker_env.OMP_NUM_THREADS"]),
         ("cluster.worker_env=[A]", ["cluster.worker_env", "a mapping"]),
         (

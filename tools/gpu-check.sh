@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run on a GPU machine, from the repository root:
+#   1. tests/test_gpu.py (the engine's output on the GPU, CUDA graphs, fp16/bf16,
+#      torch.compile, pinned staging, one GPU per worker);
 #   2. `blockpredict bench --only compare` on the GPU (limit, engine, naive loop, dask.array),
 #      then the engine on the bench's workflow with each `--set` of $VARIANTS (';' between);
-#   3. tests/test_gpu.py (the engine's output on the GPU, fp16/bf16, torch.compile,
-#      pinned staging, one GPU per worker);
-#   4. the demo's start-up: seconds from the command's start to its first finished block
+#   3. the demo's start-up: seconds from the command's start to its first finished block
 #      (skipped once $UNTIL_S seconds have passed).
 # Logs and figures go to $OUT (default ./gpu-out). A machine with no package index can
 # carry the project's dependencies as wheels in .whl/ (Python 3.12 here): they are
@@ -23,6 +23,10 @@ bp() { python3 -m blockpredict.cli "$@"; }
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 nproc
+
+echo "== 1. tests/test_gpu.py"
+timeout "${TEST_S:-240}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  | tee "$out/test_gpu.log" | grep -v "^$"
 
 echo "== 2. bench on the GPU"
 timeout "${BENCH_S:-300}" python3 -m blockpredict.cli bench --only compare --repeat "${REPEAT:-1}" \
@@ -44,11 +48,7 @@ print(f"{sys.argv[1]}: {voxels / steady / 1e6:.1f} M voxels/s steady  ({phases})
 PY
 done
 
-echo "== 3. tests/test_gpu.py"
-timeout "${TEST_S:-90}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
-  | tee "$out/test_gpu.log" | grep -v "^$"
-
-echo "== 4. the demo's start-up (while less than \$UNTIL_S=${UNTIL_S:-420} s have passed)"
+echo "== 3. the demo's start-up (while less than \$UNTIL_S=${UNTIL_S:-420} s have passed)"
 left=$(( ${UNTIL_S:-420} - SECONDS ))
 (( left > 60 )) || { echo "skipped: ${SECONDS} s passed"; exit 0; }
 if timeout "$left" python3 -m blockpredict.cli demo --dir /tmp/demo >"$out/demo.log" 2>&1; then

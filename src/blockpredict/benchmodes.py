@@ -66,13 +66,22 @@ import json, sys, time, torch
 from blockpredict.build import build_model
 from blockpredict.config import ModelConfig
 config, (threads, n, batch), device = json.loads(sys.argv[1]), map(int, sys.argv[2:5]), sys.argv[5]
+graphed = sys.argv[6] == "graph"
 torch.set_num_threads(threads)
 m = build_model(ModelConfig.model_validate(config)).eval().to(device)
 x = torch.rand(batch, m.num_in_channels, *m.eval_input_shape, device=device)
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 with torch.no_grad():
-    m(x); sync(); t = time.perf_counter()
-    for _ in range(n): m(x)
+    run = lambda: m(x)
+    if graphed:  # warmed up on a side stream, then captured: one launch per forward
+        s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s): m(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g): m(x)
+        run = g.replay
+    run(); sync(); t = time.perf_counter()
+    for _ in range(n): run()
     sync()
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
@@ -85,16 +94,18 @@ def limit(
     model: dict[str, Any], blocks: int, block_voxels: int, cores: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Bare forwards on a preloaded tensor, ``blocks`` in all: on the CPU the best of
-    (core layout x allocator), on a GPU the best of batch sizes 1 and ``GPU_BATCH``
-    (one process)."""
+    (core layout x allocator), on a GPU the best of batch sizes 1 and ``GPU_BATCH``,
+    each run as it is and as a CUDA graph (one process)."""
     if device == "cuda":
-        layouts = [(1, cores, batch, False) for batch in (1, GPU_BATCH)]
+        layouts = [(1, cores, b, False, g) for b in (1, GPU_BATCH) for g in ("eager", "graph")]
     else:
-        layouts = [(p, t, 1, kept) for kept in (False, True) for p, t in ((1, cores), (cores, 1))]
+        layouts = [
+            (p, t, 1, kept, "eager") for kept in (False, True) for p, t in ((1, cores), (cores, 1))
+        ]
     rows = []
-    for processes, threads, batch, kept in layouts:
+    for processes, threads, batch, kept, mode in layouts:
         per = math.ceil(blocks / processes / batch)  # forwards per process
-        argv = [json.dumps(model), str(threads), str(per), str(batch), device]
+        argv = [json.dumps(model), str(threads), str(per), str(batch), device, mode]
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", BARE, *argv],
@@ -109,7 +120,7 @@ def limit(
             {
                 "layout": f"{processes} x {threads} thread(s)"
                 if device == "cpu"
-                else f"1 process, batch {batch}",
+                else f"1 process, batch {batch}" + (", CUDA graph" if mode == "graph" else ""),
                 "allocator": "pages kept" if kept else "default",
                 "voxels_per_s": per * batch * processes * block_voxels / seconds,
             }

@@ -1,9 +1,11 @@
 """The forward on one device: a batch of blocks in, their predictions out.
 
 On CUDA the inputs go through a pinned host buffer and non-blocking copies on
-a stream of the forward's own, and the outputs come back into pinned buffers;
-``execution.precision`` sets autocast and ``execution.compile`` wraps the
-model with ``torch.compile`` (falling back with one warning).
+a stream of the forward's own, the outputs come back into pinned buffers, and
+the forward replays a CUDA graph once its batch shape was seen
+(``execution.cuda_graphs``, ``graphs.py``); ``execution.precision`` sets
+autocast and ``execution.compile`` wraps the model with ``torch.compile``
+(either falling back with one warning).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from .graphs import MAX_GRAPHS, Graph, capture
 from .job import describe
 from .precision import autocast
 
@@ -32,7 +35,9 @@ class Forward:
     own: a pipeline group holds up to 64 blocks' outputs until its write, so
     no later forward may reuse them (torch's caching host allocator recycles
     them once the writer lets go). ``staging`` forces that path on (to test it
-    on the CPU).
+    on the CPU). With ``cuda_graphs`` (CUDA, uncompiled), a batch shape seen
+    before replays its captured graph: the staged input is copied into the
+    graph's input buffer and its output copied out, before the next replay.
     """
 
     def __init__(
@@ -44,6 +49,7 @@ class Forward:
         precision: str = "fp32",
         compile: bool = False,
         staging: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.device = device
@@ -55,6 +61,10 @@ class Forward:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._input: torch.Tensor | None = None
         self.compiled: Callable[..., torch.Tensor] | None = None
+        # batch shapes seen once (eager, the warm-up) and those captured
+        self.graphs_on = cuda_graphs and device.type == "cuda" and not compile
+        self.graphs: dict[tuple[int, ...], Graph] = {}
+        self._seen: set[tuple[int, ...]] = set()
         if compile:
             try:
                 self.compiled = torch.compile(model)
@@ -64,11 +74,18 @@ class Forward:
     def __call__(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
         channels, *spatial = blocks[0].shape
         model_shape = spatial[len(spatial) - self.model_dims :]
+        shape = (len(blocks), channels, *model_shape)
         with self._on_stream():
-            x = self._to_device(blocks, (len(blocks), channels, *model_shape))
-            with torch.no_grad(), autocast(self.device, self.precision):
-                y = self._run(x)
-            y = self._to_host(y.float())
+            graph = self.graphs.get(shape)
+            if graph is not None:
+                graph.input.copy_(self._stage(blocks, shape), non_blocking=True)
+                y = self._to_host(graph.replay())
+            else:
+                x = self._to_device(blocks, shape)
+                with torch.no_grad(), autocast(self.device, self.precision):
+                    out = self._run(x)
+                y = self._to_host(out.float())
+                self._maybe_capture(x, shape)
         expected = self.write_shape[len(self.write_shape) - self.model_dims :]
         if tuple(y.shape[2:]) != expected:
             raise RuntimeError(
@@ -85,6 +102,30 @@ class Forward:
                 self._compile_failed(e)
                 return y
         return self.model(x)
+
+    def _maybe_capture(self, x: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Capture ``shape``'s forward the second time it runs (the first warmed it up)."""
+        if not self.graphs_on or len(self.graphs) >= MAX_GRAPHS:
+            return
+        if shape not in self._seen:
+            self._seen.add(shape)
+            return
+
+        def run(v: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast(self.device, self.precision, cache=False):
+                return self.model(v)  # type: ignore[no-any-return]
+
+        try:
+            self.graphs[shape] = capture(run, x)
+        except Exception as e:
+            self.graphs_on = False
+            self.graphs.clear()
+            warnings.warn(
+                f"execution.cuda_graphs: capture failed ({describe(e)}); running without",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            logger.warning("CUDA graph capture failed (%s); running without", describe(e))
 
     def _compile_failed(self, error: Exception) -> None:
         self.compiled = None
@@ -107,12 +148,16 @@ class Forward:
     def _to_device(self, blocks: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
         if not self.staging:
             return torch.from_numpy(np.stack(blocks).reshape(shape)).to(self.device)
+        return self._stage(blocks, shape).to(self.device, non_blocking=True)
+
+    def _stage(self, blocks: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+        """The blocks in the (pinned) host input buffer, one copy each, views included."""
         staged = self._input
         if staged is None or tuple(staged.shape) != shape:
             staged = self._input = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
-        for row, block in zip(staged, blocks, strict=True):  # one copy each, views included
+        for row, block in zip(staged, blocks, strict=True):
             row.view(block.shape).copy_(torch.from_numpy(block))
-        return staged.to(self.device, non_blocking=True)
+        return staged
 
     def _to_host(self, y: torch.Tensor) -> np.ndarray:
         if not self.staging:

@@ -23,8 +23,8 @@ class Job:
 
     ``model`` is either a :class:`ModelConfig` (rebuilt on the worker) or a
     model object passed from Python (serialized once, with the plugin).
-    ``batch_size`` blocks share one forward; ``precision`` and ``compile`` say
-    how that forward runs; ``io_threads`` reader and writer threads feed it.
+    ``batch_size`` blocks share one forward; ``precision``, ``compile`` and
+    ``cuda_graphs`` say how that forward runs; ``io_threads`` reader and writer threads feed it.
     ``model_shape`` (output channels and shape at the model's input shape, as the client
     built it) spares a worker the dummy forward that finds them.
     """
@@ -39,6 +39,7 @@ class Job:
     batch_size: int = 1
     precision: Precision = "fp32"
     compile: bool = False
+    cuda_graphs: bool = False
     io_threads: int | Literal["auto"] = "auto"
     model_shape: tuple[int, tuple[int, ...]] | None = None  # the client's Model.output_shape
 

@@ -21,13 +21,17 @@ TOLERANCE = {"fp32": 0.0, "fp16": 1e-2, "bf16": 5e-2}
 
 
 @contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Run the forward under autocast for ``fp16``/``bf16``; plain fp32 otherwise."""
+def autocast(device: torch.device, precision: str, cache: bool = True) -> Iterator[None]:
+    """Run the forward under autocast for ``fp16``/``bf16``; plain fp32 otherwise.
+
+    ``cache=False`` for a CUDA graph's capture: autocast's cache of cast weights
+    would be freed at its exit while the graph still reads them.
+    """
     if precision == "fp32":
         with contextlib.nullcontext():
             yield
         return
-    with torch.autocast(device.type, dtype=DTYPES[precision]):
+    with torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=cache):
         yield
 
 

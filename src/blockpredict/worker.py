@@ -90,6 +90,7 @@ class ModelPlugin(WorkerPlugin):
             len(model.eval_input_shape),
             job.precision,
             job.compile,
+            cuda_graphs=job.cuda_graphs,
         )
         self.pipeline = Pipeline(
             self.read,
@@ -113,6 +114,7 @@ class ModelPlugin(WorkerPlugin):
     def teardown(self, worker: Any) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
+            self.forward.graphs.clear()  # their memory pools go with them
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -307,6 +307,7 @@ def execute(
         batch_size=execution.batch_size,
         precision=execution.precision,
         compile=execution.compile,
+        cuda_graphs=execution.cuda_graphs,
         io_threads=execution.io_threads,
         model_shape=prepared.model_shape,
     )
