@@ -112,15 +112,19 @@ def test_reduced_precision_on_the_gpu_stays_within_its_tolerance(precision):
 
 def test_the_staging_path_uses_pinned_buffers_and_keeps_the_last_output():
     model = _model().eval().cuda()
-    blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
+    box = np.random.default_rng(0).random((1, 40, 40, 40), dtype=np.float32)  # a read box
+    blocks = [box[:, z : z + 28, 12:, :28] for z in (0, 12)]  # its blocks: strided views
     forward = Forward(model, torch.device("cuda"), (12, 12, 12), 3)
     assert forward.staging and forward.stream is not None
-    first = forward([blocks[0]])[0]
+    staged = forward.stage(blocks)  # what the reader threads do
+    assert all(torch.from_numpy(s).is_pinned() and s.flags.c_contiguous for s in staged)
+    assert all(np.array_equal(s, b) for s, b in zip(staged, blocks, strict=True))
+    first = forward([staged[0]])[0]
     kept = first.copy()
-    second = forward([blocks[1]])[0]
+    second = forward([staged[1]])[0]
     assert np.array_equal(first, kept)  # each call's outputs have buffers of their own
-    assert forward._input is not None and forward._input.is_pinned()
     assert torch.from_numpy(second).is_pinned()
+    assert np.array_equal(forward([blocks[1]])[0], second)  # unstaged: the same values
     with torch.no_grad():
         plain = model(torch.from_numpy(blocks[1])[None].cuda()).cpu().numpy()[0]
     assert np.array_equal(second, plain)

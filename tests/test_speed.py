@@ -220,7 +220,8 @@ def test_the_cuda_staging_path_on_the_cpu():
     plain = Forward(model, torch.device("cpu"), (12, 12, 12), 3)
     staged = Forward(model, torch.device("cpu"), (12, 12, 12), 3, staging=True)
     written: dict[int, np.ndarray] = {}
-    pipeline = Pipeline(blocks.__getitem__, staged, written.__setitem__, group=8)
+    read = lambda i: staged.stage([blocks[i]])[0]  # noqa: E731 (a worker's read stages)
+    pipeline = Pipeline(read, staged, written.__setitem__, group=8)
     try:
         pipeline.run(list(blocks))
     finally:
@@ -231,6 +232,8 @@ def test_the_cuda_staging_path_on_the_cpu():
     views = [box[:, z : z + 28, 12:, :28] for z in (0, 12)]  # its blocks: strided views
     copies = [np.ascontiguousarray(v) for v in views]
     for got, want in zip(staged(views), plain(copies), strict=True):
+        assert np.array_equal(got, want)
+    for got, want in zip(staged(staged.stage(views)), plain(copies), strict=True):
         assert np.array_equal(got, want)
 
 

@@ -120,17 +120,18 @@ class ModelPlugin(WorkerPlugin):
             torch.cuda.empty_cache()
 
     def read(self, block_id: int) -> np.ndarray:
-        """The normalized input of one block: ``(C, *read_shape)`` float32."""
-        return self.reader.read(self.job.plan.block(block_id).read_roi)
+        """The normalized input of one block: ``(C, *read_shape)`` float32, staged for the
+        device (``Forward.stage``)."""
+        return self.forward.stage([self.reader.read(self.job.plan.block(block_id).read_roi)])[0]
 
     def read_many(self, block_ids: list[int]) -> list[np.ndarray]:
         """The inputs of adjacent blocks: one storage call per run of blocks that fills at
         least half of its bounding box in the block grid (a task's Morton-ordered blocks
-        mostly do; where the order jumps, a new run starts)."""
+        mostly do; where the order jumps, a new run starts), staged for the device."""
         out: list[np.ndarray] = []
         for run in _compact_runs(block_ids, tuple(self.job.plan.grid_shape)):
             out += self._read_box(run)
-        return out
+        return self.forward.stage(out)
 
     def _read_box(self, block_ids: list[int]) -> list[np.ndarray]:
         plan, read = self.job.plan, self._read_shape
