@@ -69,8 +69,8 @@ def _predict(tmp_path: Path, data: np.ndarray, execution: dict[str, Any], name: 
 
 def test_a_run_on_the_gpu_equals_the_whole_volume_forward(tmp_path, monkeypatch):
     """A local cluster on the GPU (one worker per GPU): auto-sized tasks, tasks of 16 blocks
-    (a pipeline group then holds 16 outputs until its write) and batches of 4. Each output
-    equals one CPU forward over the whole volume to TF32's tolerance."""
+    (a pipeline group then holds 16 outputs until its write), batches of 4 and CUDA graphs.
+    Each output equals one CPU forward over the whole volume to TF32's tolerance."""
     monkeypatch.chdir(tmp_path)
     data = volume_of((64, 64, 64))
     make_input(tmp_path / "in.zarr" / "raw", data, (1, 1, 1))
@@ -78,7 +78,7 @@ def test_a_run_on_the_gpu_equals_the_whole_volume_forward(tmp_path, monkeypatch)
         "auto": {},
         "grouped": {"blocks_per_task": 16},
         "batched": {"batch_size": 4, "blocks_per_task": 16},
-        "no graphs": {"cuda_graphs": False, "blocks_per_task": 16},
+        "graphs": {"cuda_graphs": True, "blocks_per_task": 16},
     }
     outputs = {}
     for name, execution in runs.items():

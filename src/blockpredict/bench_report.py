@@ -35,7 +35,7 @@ def _compare(results: dict[str, Any]) -> list[str]:
         )
     for r in c["limit_layouts"]:
         lines.append(
-            f"  limit: {r['layout']:<18} {r['allocator']:<11} "
+            f"  limit: {r['layout']:<30} {r['allocator']:<11} "
             f"{r['voxels_per_s'] / 1e6:.2f} M voxels/s"
         )
     for phase, p in c["engine_phases"].items():

@@ -257,7 +257,7 @@ class ExecutionConfig(Strict):
     io_threads: Literal["auto"] | PositiveInt = "auto"  # readers and writers per worker
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     compile: bool = False
-    cuda_graphs: bool = True  # on CUDA: replay the forward as a captured graph
+    cuda_graphs: bool = False  # on CUDA: replay the forward as a captured graph (opt-in)
     fail_fast: int = Field(10, ge=0)
     resume: bool = True
     grace_period: float = Field(30.0, ge=0)
