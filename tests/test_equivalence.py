@@ -5,12 +5,15 @@ Real LocalCluster worker processes, real zarr on disk, real torch models.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import (
     UNET_3D,
     alive_checkpoint,
@@ -390,3 +393,89 @@ def test_zarr_v2_input_and_explicit_normalization(tmp_path, cluster_address, nor
     assert plan.output_roi == Roi((20, 20, 20), (48, 48, 48))
     assert zarr.open_array(str(tmp_path / "out.zarr" / "pred" / "s0")).chunks == (1, 12, 12, 12)
     assert max_abs_diff(got, expected) <= TOLERANCE
+
+
+def _stored(path: Path, shape: tuple[int, ...], attrs: dict[str, Any]) -> str:
+    array = zarr.create_array(str(path), shape=shape, chunks=shape, dtype="uint8", overwrite=True)
+    array.attrs.update(attrs)
+    return str(path)
+
+
+METADATA_CASES = {
+    "no attributes": ((6, 7, 8), {}),
+    "funlib's": (
+        (6, 7, 8),
+        {
+            "voxel_size": [4, 2, 2],
+            "offset": [8, 0, 2],
+            "axis_names": ["z", "y", "x"],
+            "units": ["nm", "nm", "nm"],
+        },
+    ),
+    "a channel axis by name": ((2, 6, 7, 8), {"axis_names": ["c^", "z", "y", "x"]}),
+    "a channel axis by type": (
+        (6, 3, 7, 8),
+        {"voxel_size": [2, 1, 1], "types": ["space", "channel", "space", "space"]},
+    ),
+    "2d": ((7, 8), {"voxel_size": [3, 5], "offset": [3, 10]}),
+    "a voxel size without its axes": ((2, 6, 7), {"voxel_size": [4, 4]}),
+}
+
+
+@pytest.mark.parametrize("case", METADATA_CASES)
+def test_the_input_metadata_is_what_funlib_reads(tmp_path, monkeypatch, case):
+    """open_input reads funlib's metadata with funlib's parser but no dask array: the same
+    axes, types, units, voxel size and ROI as funlib.persistence's open_ds."""
+    from blockpredict import array_metadata
+    from blockpredict.array_metadata import open_metadata
+
+    # the parser loaded on its own, as in the command (funlib.persistence is imported here)
+    monkeypatch.setattr(array_metadata, "FUNLIB_METADATA", "funlib.not.imported")
+    shape, attrs = METADATA_CASES[case]
+    path = _stored(tmp_path / "a.zarr", shape, attrs)
+    ours, theirs = open_metadata(path), open_ds(path)
+    assert (ours.axis_names, ours.types, ours.units) == (
+        theirs.axis_names,
+        theirs.types,
+        theirs.units,
+    )
+    assert (ours.voxel_size, ours.roi, ours.shape) == (theirs.voxel_size, theirs.roi, theirs.shape)
+    override = {"voxel_size": (9,) * ours.voxel_size.dims, "offset": (18,) * ours.voxel_size.dims}
+    assert open_metadata(path, **override).roi == open_ds(path, **override).roi
+
+
+def test_a_mismatched_voxel_size_is_refused_as_funlib_refuses_it(tmp_path, monkeypatch):
+    from blockpredict import array_metadata
+    from blockpredict.array_metadata import open_metadata
+
+    monkeypatch.setattr(array_metadata, "FUNLIB_METADATA", "funlib.not.imported")
+    path = _stored(tmp_path / "a.zarr", (6, 7, 8), {"voxel_size": [1, 1], "units": ["nm"] * 3})
+    with pytest.raises(Exception) as theirs:
+        open_ds(path)
+    with pytest.raises(type(theirs.value)):
+        open_metadata(path)
+
+
+def test_reading_the_inputs_metadata_imports_no_dask_array(tmp_path):
+    """funlib.persistence's import brings dask.array, xarray and pandas (1.5 s of the
+    client's start-up); the client reads the input without them."""
+    make_input(tmp_path / "in.zarr" / "raw", volume_of((8, 8, 8)), (2, 2, 2), (4, 0, 0))
+    code = (
+        "import sys; from blockpredict.storage import open_input; "
+        f"info = open_input({str(tmp_path / 'in.zarr')!r}, 'raw'); "
+        "print(info.voxel_size, info.roi, 'dask.array' in sys.modules, 'xarray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [
+        "(2,",
+        "2,",
+        "2)",
+        "[4:20,",
+        "0:16,",
+        "0:16]",
+        "(16,",
+        "16,",
+        "16)",
+        "False",
+        "False",
+    ], out.stdout

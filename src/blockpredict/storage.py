@@ -1,9 +1,10 @@
 """Storage: open the input, prepare the output, read and write blocks.
 
-The client uses funlib.persistence for metadata (voxel size, offset, axes).
-Workers read and write the underlying zarr arrays directly: funlib arrays are
-dask arrays, and touching them inside a Dask worker would route the I/O
-through the distributed scheduler as nested tasks.
+The client reads the input's metadata (voxel size, offset, axes) as
+funlib.persistence does, without its dask arrays (array_metadata.py). Workers
+read and write the underlying zarr arrays directly: funlib arrays are dask
+arrays, and touching them inside a Dask worker would route the I/O through the
+distributed scheduler as nested tasks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from funlib.geometry import Coordinate, Roi
 from zarr.core.sync import sync
 
 from . import ome
+from .array_metadata import ArrayMetadata, open_metadata
 from .boxes import joined, tiles
 from .config import Scaling
 from .errors import InputError, OutputExistsError
@@ -32,15 +34,6 @@ from .stores import check_container, is_url, join, open_array, remove, zarr_stor
 from .stores import exists as store_exists
 
 logger = logging.getLogger(__name__)
-
-
-def open_ds(*args: Any, **kwargs: Any) -> Any:
-    """funlib.persistence's ``open_ds``, imported on first use: funlib.persistence brings
-    dask.array, xarray and pandas (1 s of imports), which workers never need, and a
-    worker's imports are the last step before a run's first block (see warm_start)."""
-    from funlib.persistence import open_ds as funlib_open_ds
-
-    return funlib_open_ds(*args, **kwargs)
 
 
 INPUT_DTYPES = (
@@ -105,7 +98,7 @@ def open_input(
     level = None if is_url(container) else ome.find_level(str(container), dataset)
     try:
         store = zarr_store(path, options, read_only=True)
-        array = open_ds(store) if level is None else _open_ome_level(store, level)
+        array = open_metadata(store) if level is None else _open_ome_level(store, level)
     except Exception as e:  # zarr raises several types for a missing array
         raise InputError(
             f"input dataset {dataset!r} not found or unreadable ({type(e).__name__})",
@@ -128,7 +121,7 @@ def open_input(
         logger.warning(warning)
     if (meta.voxel_size, meta.offset) != (array.voxel_size, array.roi.offset):
         if level is None:
-            array = open_ds(store, voxel_size=meta.voxel_size, offset=meta.offset)
+            array = open_metadata(store, voxel_size=meta.voxel_size, offset=meta.offset)
         else:
             level = replace(level, voxel_size=meta.voxel_size, offset=meta.offset)
             array = _open_ome_level(store, level)
@@ -150,7 +143,7 @@ def open_input(
     )
 
 
-def _channel_axis(array: Any, path: str) -> int | None:
+def _channel_axis(array: ArrayMetadata, path: str) -> int | None:
     """The position of the one channel axis (funlib: type 'channel', a name ending in '^')."""
     axes = [i for i, kind in enumerate(array.types) if kind == "channel"]
     if len(axes) > 1:
@@ -169,9 +162,9 @@ def _zarr_format(path: str, options: dict) -> int:
     )
 
 
-def _open_ome_level(path: Any, level: ome.OmeLevel) -> Any:
+def _open_ome_level(path: Any, level: ome.OmeLevel) -> ArrayMetadata:
     """A level of an OME-NGFF image, with the voxel size and offset of its group's metadata."""
-    return open_ds(
+    return open_metadata(
         path,
         voxel_size=level.voxel_size,
         offset=level.offset,
