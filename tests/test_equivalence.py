@@ -442,6 +442,9 @@ def test_the_input_metadata_is_what_funlib_reads(tmp_path, monkeypatch, case):
     assert (ours.voxel_size, ours.roi, ours.shape) == (theirs.voxel_size, theirs.roi, theirs.shape)
     override = {"voxel_size": (9,) * ours.voxel_size.dims, "offset": (18,) * ours.voxel_size.dims}
     assert open_metadata(path, **override).roi == open_ds(path, **override).roi
+    # where funlib's parser cannot be loaded alone (another layout), open_ds itself is used
+    monkeypatch.setattr(array_metadata, "_parser", lambda: None)
+    assert open_metadata(path) == ours
 
 
 def test_a_mismatched_voxel_size_is_refused_as_funlib_refuses_it(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any
 
@@ -80,15 +80,8 @@ PHYSICAL = ("space", "time")
 
 
 def _of_array(array: Any) -> ArrayMetadata:
-    return ArrayMetadata(
-        dtype=array.dtype,
-        shape=tuple(array.shape),
-        axis_names=list(array.axis_names),
-        types=list(array.types),
-        units=list(array.units),
-        voxel_size=array.voxel_size,
-        roi=array.roi,
-    )
+    """The same, from a funlib ``Array`` (where the parser could not be loaded alone)."""
+    return ArrayMetadata(*(getattr(array, f.name) for f in fields(ArrayMetadata)))
 
 
 def _parser() -> ModuleType | None:
