@@ -226,3 +226,21 @@ def test_the_command_line_imports_no_torch_dask_or_zarr_until_used(tmp_path):
     assert missing.returncode == 2
     lines = missing.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: workflow file not found"), lines
+    # the workflow file is read and checked before them too (its URLs: urls.py, no zarr)
+    workflow = {
+        "input": {"container": "s3://bucket/in.zarr", "dataset": "raw"},
+        "model": {"unet": UNET_3D, "head": {"out_channels": 1}},
+        "output": {"container": "out.zarr", "dataset": "pred"},
+    }
+    write_workflow(tmp_path / "workflow.yaml", workflow)
+    code = (
+        "import sys\nfrom blockpredict.config import load_workflow\n"
+        "load_workflow('workflow.yaml')\n"
+        "print(sorted(m for m in ('torch', 'distributed', 'dask', 'zarr', 'funlib.persistence')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]"]

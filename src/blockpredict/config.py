@@ -24,8 +24,8 @@ from pydantic import (
 
 from .config_errors import README_WORKFLOW, config_error
 from .errors import ConfigError
-from .stores import READ_ONLY_SCHEMES, check_url, is_url, local_path
 from .unet_config import UNetConfig, read_unet_config
+from .urls import READ_ONLY_SCHEMES, check_url, is_url, local_path
 
 
 class Strict(BaseModel):

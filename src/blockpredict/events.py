@@ -26,7 +26,7 @@ import numpy as np
 
 from .ledger import DONE, FAILED, Ledger
 from .observe import RunObserver
-from .stores import is_url
+from .urls import is_url
 
 logger = logging.getLogger(__name__)
 

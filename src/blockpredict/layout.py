@@ -17,7 +17,7 @@ from .config import OutputConfig
 from .errors import ConfigError
 from .output_grid import output_grid
 from .plan import BlockPlan
-from .stores import join
+from .urls import join
 
 
 @dataclass(frozen=True)

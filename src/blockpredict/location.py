@@ -11,7 +11,7 @@ import tempfile
 
 from .errors import ConfigError, OutputError
 from .ledger import ledger_path
-from .stores import is_url
+from .urls import is_url
 
 
 def check_not_input(input_path: str, out_path: str) -> None:

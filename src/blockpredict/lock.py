@@ -26,6 +26,7 @@ from types import TracebackType
 
 from . import stores
 from .errors import BlockpredictError
+from .urls import is_url
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class OutputLock:
     def __init__(self, output_path: str, storage_options: dict | None = None) -> None:
         self.path = lock_path(str(output_path))
         self.options = dict(storage_options or {})
-        self.remote = stores.is_url(self.path)
+        self.remote = is_url(self.path)
         self._created: list[str] = []  # folders made to hold the lock, removed on release
         self._held = False
 

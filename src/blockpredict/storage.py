@@ -30,8 +30,9 @@ from .errors import InputError, OutputExistsError
 from .layout import Image, OutputInfo
 from .metadata import spatial_metadata
 from .pyramid import downsample
-from .stores import check_container, is_url, join, open_array, remove, zarr_store
+from .stores import check_container, open_array, remove, zarr_store
 from .stores import exists as store_exists
+from .urls import is_url, join
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ from .storage import (
     output_path,
     prepare_output,
 )
-from .stores import check_container, exists, is_url
+from .stores import check_container, exists
+from .urls import is_url
 from .words import plural
 
 logger = logging.getLogger(__name__)
