@@ -199,6 +199,20 @@ def read_output(path: Path) -> np.ndarray:
     return (node["s0"] if isinstance(node, zarr.Group) else node)[:]
 
 
+def python_lines(code: str, cwd: Path) -> list[str]:
+    """The output lines of ``code`` run in a fresh interpreter, which must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def print_imported(modules: tuple[str, ...]) -> str:
+    """Code printing which of ``modules`` the interpreter has imported, sorted."""
+    return f"import sys\nprint(sorted(m for m in {modules!r} if m in sys.modules))\n"
+
+
 def volume_of(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """uint8 test volume with structure at several scales."""
     rng = np.random.default_rng(seed)

@@ -20,6 +20,8 @@ from conftest import (
     marked_input,
     max_abs_diff,
     on_workers,
+    print_imported,
+    python_lines,
     read_output,
     reference,
     volume_of,
@@ -196,32 +198,24 @@ def test_a_worker_imports_no_dask_array_or_pandas(tmp_path):
     """What a worker imports before its first block (the forkserver's, or a spawned GPU
     worker's, imports) leaves out funlib.persistence and what it brings: only the
     client reads metadata with it."""
-    code = (
-        "import sys, blockpredict.worker\n"
-        "print(sorted(m for m in ('funlib.persistence', 'dask.array', 'xarray', 'pandas')"
-        " if m in sys.modules))\n"
+    code = "import blockpredict.worker\n" + print_imported(
+        ("funlib.persistence", "dask.array", "xarray", "pandas")
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[]"]
+    assert python_lines(code, tmp_path) == ["[]"]
+
+
+HEAVY = ("torch", "distributed", "dask", "zarr", "funlib.persistence")
 
 
 def test_the_command_line_imports_no_torch_dask_or_zarr_until_used(tmp_path):
     """`blockpredict --version`, `--help` and a bad path answer without the heavy imports."""
     code = (
-        "import sys, blockpredict.cli\n"
-        "print(sorted(m for m in ('torch', 'distributed', 'dask', 'zarr', 'funlib.persistence')"
-        " if m in sys.modules))\n"
-        "from blockpredict import predict, Model\n"  # the package's names still import
-        "print(predict.__name__, Model.__name__)\n"
+        "import blockpredict.cli\n"
+        + print_imported(HEAVY)
+        + "from blockpredict import predict, Model\n"  # the package's names still import
+        + "print(predict.__name__, Model.__name__)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[]", "predict Model"]
+    assert python_lines(code, tmp_path) == ["[]", "predict Model"]
     missing = cli("predict", "nope.yaml", cwd=tmp_path)
     assert missing.returncode == 2
     lines = missing.stderr.splitlines()
@@ -233,14 +227,5 @@ def test_the_command_line_imports_no_torch_dask_or_zarr_until_used(tmp_path):
         "output": {"container": "out.zarr", "dataset": "pred"},
     }
     write_workflow(tmp_path / "workflow.yaml", workflow)
-    code = (
-        "import sys\nfrom blockpredict.config import load_workflow\n"
-        "load_workflow('workflow.yaml')\n"
-        "print(sorted(m for m in ('torch', 'distributed', 'dask', 'zarr', 'funlib.persistence')"
-        " if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["[]"]
+    code = "from blockpredict.config import load_workflow\nload_workflow('workflow.yaml')\n"
+    assert python_lines(code + print_imported(HEAVY), tmp_path) == ["[]"]

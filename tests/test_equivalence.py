@@ -5,8 +5,6 @@ Real LocalCluster worker processes, real zarr on disk, real torch models.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from conftest import (
     enliven,
     make_input,
     max_abs_diff,
+    python_lines,
     read_output,
     reference,
     volume_of,
@@ -468,8 +467,8 @@ def test_reading_the_inputs_metadata_imports_no_dask_array(tmp_path):
         f"info = open_input({str(tmp_path / 'in.zarr')!r}, 'raw'); "
         "print(info.voxel_size, info.roi, 'dask.array' in sys.modules, 'xarray' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [
+    printed = " ".join(python_lines(code, tmp_path))
+    assert printed.split() == [
         "(2,",
         "2,",
         "2)",
@@ -481,4 +480,4 @@ def test_reading_the_inputs_metadata_imports_no_dask_array(tmp_path):
         "16)",
         "False",
         "False",
-    ], out.stdout
+    ], printed
