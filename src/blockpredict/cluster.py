@@ -22,6 +22,11 @@ from .worker_signals import worker_preloads, workers_ignore_sigint
 
 logger = logging.getLogger(__name__)
 
+# The schedulers blockpredict starts (local, GPU and batch) open their HTTP server at
+# once but connect Dask's Bokeh dashboard only once the first tasks are out
+# (attach_dashboard): importing Bokeh took about 0.6 s that the first block waited for.
+DASHBOARD_LATER = {"dashboard": False}
+
 
 @contextmanager
 def connect(config: ClusterConfig) -> Iterator[Client]:
@@ -69,12 +74,36 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address=loopback(config.dashboard_address),
+                    scheduler_kwargs=DASHBOARD_LATER,
                     silence_logs=logging.ERROR,
                     env=env,  # wins over variables already set in this process
                     preload=worker_preloads(),
                 )
         with cluster, Client(cluster) as client:
             yield client
+
+
+def attach_dashboard(client: Client) -> None:
+    """Dask's dashboard, with our page, on the scheduler this process started without it.
+
+    Called once the run's first tasks are submitted. Imports Bokeh here, in the calling
+    thread, and connects the dashboard on the scheduler's event loop; a scheduler of
+    another process (``type: address``) or one that has its dashboard is left alone.
+    """
+    scheduler = getattr(getattr(client, "cluster", None), "scheduler", None)
+    application = getattr(scheduler, "http_application", None)
+    if application is None or application.applications:  # not ours, or connected
+        return
+    from .dashboard import install
+
+    if not install():  # Bokeh missing: the server's plain routes stay
+        return
+    from distributed.dashboard.scheduler import connect as connect_dashboard
+
+    async def attach() -> None:  # on the loop: Bokeh's server takes the current IOLoop
+        connect_dashboard(application, scheduler.http_server, scheduler, prefix="/")
+
+    client.sync(attach)
 
 
 def loopback(address: str) -> str:
@@ -131,7 +160,11 @@ def gpu_cluster(config: ClusterConfig, gpus: list[str], env: dict[str, str]) -> 
 
     scheduler = {
         "cls": Scheduler,
-        "options": {"host": "127.0.0.1", "dashboard_address": config.dashboard_address},
+        "options": {
+            "host": "127.0.0.1",
+            "dashboard_address": config.dashboard_address,
+            **DASHBOARD_LATER,
+        },
     }
     workers = gpu_worker_spec(gpus, config.threads_per_worker, env)
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)

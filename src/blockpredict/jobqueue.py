@@ -20,6 +20,7 @@ from typing import Any
 
 from distributed import Client
 
+from .cluster import DASHBOARD_LATER
 from .config import ClusterConfig
 from .environment import export_lines, worker_environment
 from .errors import BlockpredictError, ConfigError
@@ -134,6 +135,7 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
         options["shared_temp_directory"] = str(tls_dir)
     scheduler = dict(options.pop("scheduler_options", {}))
     scheduler.setdefault("dashboard_address", config.dashboard_address)
+    scheduler.update(DASHBOARD_LATER)  # connected once the first tasks are out
     options["scheduler_options"] = scheduler
     return options
 

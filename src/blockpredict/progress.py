@@ -71,10 +71,14 @@ class Progress(RunObserver):
         self.initial_workers = workers
         self.voxels_per_block = math.prod(plan.output_shape) / max(1, plan.num_blocks)
         self.start = self.last_line = time.monotonic()
-        if self.tty:
+
+    def _show_bar(self) -> None:
+        """The bar, from the first tick or result on: the lines logged as the first tasks
+        go out (the dashboard's URLs) come before it, not through it."""
+        if self.tty and self.bar is None:
             self.bar = tqdm(
                 total=self.total,
-                initial=self.done,
+                initial=self.done + self.failed,
                 unit="block",
                 file=self.stream,
                 smoothing=0.1,
@@ -107,8 +111,11 @@ class Progress(RunObserver):
             self._postfix()
 
     def tick(self) -> None:
+        if self.tty:
+            self._show_bar()
+            return
         now = time.monotonic()
-        if self.bar is None and now - self.last_line >= self.interval:
+        if now - self.last_line >= self.interval:
             self.last_line = now
             logger.info(self.line())
 

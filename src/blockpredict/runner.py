@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 
 import numpy as np
@@ -255,6 +255,7 @@ def run(
     expected_threads: int = 0,
     plugin: WorkerPlugin | None = None,
     loading: Loading | None = None,
+    submitted: Callable[[], None] | None = None,
 ) -> RunReport:
     """Process every pending block of ``job.plan`` on ``client``'s workers.
 
@@ -262,6 +263,8 @@ def run(
     (batch clusters), so adaptive scaling sees enough queued work. ``plugin``
     replaces the model plugin (the bench's simulated device); ``loading`` is
     the plugin already being registered (times then count from its start).
+    ``submitted`` is called once the first tasks are out (the workflow connects
+    the dashboard then, while the workers compute).
     """
     plan = job.plan
     loading = loading or start_loading(client, plugin or ModelPlugin(job))
@@ -282,6 +285,8 @@ def run(
     with stop_on_signals(d):
         d.submit_more(window)
         try:
+            if submitted is not None:
+                submitted()
             while d.owner:
                 now = time.perf_counter()
                 if d.stop_reason and grace_end == math.inf:

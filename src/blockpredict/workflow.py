@@ -288,7 +288,7 @@ def execute(
 ) -> RunReport:
     """Create the output (or resume it) and run every pending block on a cluster."""
     from .cluster import connect, torch_threads  # Dask is imported only to run
-    from .dashboard import install, linger, page_url, show_final
+    from .dashboard import linger, page_url, show_final
     from .loading import start_loading
     from .runner import run
     from .signals import signals_restored
@@ -313,7 +313,6 @@ def execute(
         model_shape=prepared.model_shape,
     )
     check_precision(execution.precision, cluster.device, cluster.gpus_per_job > 0)
-    install()  # our page, in the dashboard of the scheduler that connect() starts
     # the lock first (a second run is refused), then the cluster: an unreachable one writes nothing
     with (
         OutputLock(prepared.output_path, out.storage_options),
@@ -322,9 +321,6 @@ def execute(
         page_url(client, own_scheduler=cluster.type != "address") as page,
     ):
         loading = start_loading(client, ModelPlugin(job))  # workers load while we go on
-        logger.info("dashboard: %s", client.dashboard_link)
-        if page:
-            logger.info("blockpredict page: %s (%s)", page, _page_lasts(execution))
         if prepared.resume:
             ledger = Ledger.open(ledger_path(info.path), prepared.geometry(), out.storage_options)
             replay(ledger, events_path(info.path))  # blocks the snapshot missed (a kill)
@@ -345,12 +341,28 @@ def execute(
             progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
             loading=loading,
+            submitted=lambda: _show_dashboard(client, page, execution),
         )
         show_final()  # open pages draw how the run ended before the cluster closes
         if page and execution.dashboard_linger and not report.interrupted:
             logger.info("%s: the page stays up (Ctrl-C to close it)", _page_lasts(execution))
             linger(execution.dashboard_linger, client)
         return report
+
+
+def _show_dashboard(client: Any, page: str | None, execution: ExecutionConfig) -> None:
+    """Connect the dashboard and print its URLs, once the first tasks are out (Bokeh's
+    imports no longer delay the first block); the run goes on without it if that fails."""
+    from .cluster import attach_dashboard
+
+    try:
+        attach_dashboard(client)
+    except Exception as e:
+        logger.warning("no dashboard: %s", describe(e))
+        return
+    logger.info("dashboard: %s", client.dashboard_link)
+    if page:
+        logger.info("blockpredict page: %s (%s)", page, _page_lasts(execution))
 
 
 def _page_lasts(execution: ExecutionConfig) -> str:
