@@ -230,6 +230,9 @@ def test_predict_on_slurm(tmp_path, slurm):
     result, seen = predict_watching_squeue(path, tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(seen) >= 2, "the worker jobs never showed up in squeue"
+    # the dashboard, connected to the batch scheduler once the first tasks were out
+    assert "dashboard: http" in result.stderr and "no dashboard" not in result.stderr
+    assert "blockpredict page: http" in result.stderr, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["blocks_processed"] == report["blocks_total"] == 27
     assert max_abs_diff(read_output(tmp_path / "out.zarr" / "pred"), expected) <= 1e-4
