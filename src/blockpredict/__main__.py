@@ -1,7 +1,5 @@
 """``python -m blockpredict ...``: the same as the ``blockpredict`` command."""
 
-import sys
+from .cli import command
 
-from .cli import main
-
-sys.exit(main())
+command()
