@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BlockpredictError
+from .worker_exit import leave
 
 # what `bench --only` may pick (device and cluster also need --device-ms / --simulate-workers)
 BENCH_PARTS = ("compare", "startup", "dispatch", "device", "cluster")
@@ -32,23 +32,15 @@ def command() -> None:
     forkserver's kill, finalizers, logging's flush); the last of them flushes
     stdout and stderr and ends the process with :func:`main`'s exit code.
     """
-    atexit.register(_exit_at_once)  # registered first: runs after every other handler
-    code = main()
-    _exit_code.append(code)
-    sys.exit(code)
+    codes: list[int] = []  # what main returned; empty when it raised
+    atexit.register(_exit_at_once, codes)  # registered first: runs after every other handler
+    codes.append(main())
+    sys.exit(codes[0])
 
 
-_exit_code: list[int] = []  # what main returned; not set when it raised
-
-
-def _exit_at_once() -> None:
-    if not _exit_code:  # main raised (SystemExit from --help, say): the usual way
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(_exit_code[0])
+def _exit_at_once(codes: list[int]) -> None:
+    if codes:  # else main raised (SystemExit from --help, say): the usual way
+        leave(codes[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

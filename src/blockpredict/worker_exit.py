@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 PRELOAD = __name__  # a Dask preload
 
@@ -54,8 +54,14 @@ def _exit_at_once() -> None:
         return
     with contextlib.suppress(Exception):  # what exit does first: e.g. remove the work dir
         weakref.finalize._exitfunc()  # type: ignore[attr-defined]
+    leave(0)
+
+
+def leave(code: int) -> NoReturn:
+    """End this process now with ``code``, after flushing the logs, stdout and stderr:
+    what the interpreter's teardown would still have done that matters."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(0)
+    os._exit(code)
