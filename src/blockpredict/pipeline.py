@@ -21,7 +21,10 @@ whatever the volume and however many tasks wait: on the CPU ``3 * batch_size``
 blocks for large blocks, about ``3 * GROUP_BYTES`` of input and its outputs for
 small ones; on a GPU about ``(2 * io_threads + 1) * GPU_GROUP_BYTES`` of input
 and its outputs.
-One thread runs every forward, so there is one forward at a time per device.
+One thread runs every forward, so there is one forward at a time per device. On a
+GPU that thread only queues each forward (``Forward`` returns a :class:`Pending`) and
+goes on with the next batch; the writer waits for a batch's outputs to reach the host
+before it writes them.
 
 A block that fails (read, forward or write) fails alone: its result carries the
 error and the others go on; a batch whose forward raises is retried one block
@@ -77,6 +80,27 @@ def group_size(block_bytes: int, batch_size: int, group_bytes: int = GROUP_BYTES
     return max(1, blocks // max(1, batch_size))
 
 
+@dataclass
+class Pending:
+    """A forward's outputs still on their way from the device (a GPU's asynchronous copies).
+
+    A forward may return this instead of the outputs themselves, so that its thread can
+    queue the next forward while the device still runs this one: the writer calls
+    ``wait()`` (which returns the forward's seconds on the device) before it reads them.
+    """
+
+    outputs: list[np.ndarray]
+    wait: Callable[[], float]
+
+
+def landed(result: list[np.ndarray] | Pending) -> list[np.ndarray]:
+    """A forward's outputs once they are on the host (waiting for them if they are not)."""
+    if isinstance(result, Pending):
+        result.wait()
+        return result.outputs
+    return result
+
+
 ReadBlock = Callable[[int], np.ndarray]
 WriteBlock = Callable[[int, np.ndarray], None]
 ReadMany = Callable[[list[int]], list[np.ndarray]]
@@ -94,6 +118,7 @@ class _Block:
     write: float = 0.0
     error: str | None = None
     done: bool = field(default=False)
+    pending: Pending | None = None  # its batch's outputs, still coming from the device
 
 
 class _Ticket:
@@ -128,7 +153,7 @@ class Pipeline:
     def __init__(
         self,
         read: ReadBlock,
-        forward: Callable[[list[np.ndarray]], list[np.ndarray]],
+        forward: Callable[[list[np.ndarray]], list[np.ndarray] | Pending],
         write: WriteBlock,
         batch_size: int = 1,
         worker: str = "",
@@ -274,7 +299,7 @@ class Pipeline:
             self.started(b.block_id)
         t0 = time.perf_counter()
         try:
-            outputs = self.forward([b.data for b in ready])  # type: ignore[misc]
+            result = self.forward([b.data for b in ready])  # type: ignore[misc]
         except Exception as e:
             if len(ready) == 1:
                 ready[0].error, ready[0].data = describe(e), None
@@ -284,13 +309,36 @@ class Pipeline:
                     self._forward_batch([b])
         else:
             share = (time.perf_counter() - t0) / len(ready)
+            pending = result if isinstance(result, Pending) else None
+            outputs = result.outputs if isinstance(result, Pending) else result
             for b, y in zip(ready, outputs, strict=True):
-                b.data, b.compute = y, share
+                b.data, b.compute, b.pending = y, share, pending
         for b in ready:  # waiting for the rest of its group and the write is not running
             self.finished(b.block_id)
 
+    def _land(self, blocks: list[_Block]) -> None:
+        """Wait for outputs still coming from the device; their blocks' compute time is
+        then their batch's time on the device. A batch whose wait raises fails alone."""
+        batches: dict[int, tuple[Pending, list[_Block]]] = {}
+        for b in blocks:
+            if b.pending is not None and b.error is None:
+                batches.setdefault(id(b.pending), (b.pending, []))[1].append(b)
+            b.pending = None
+        for pending, members in batches.values():
+            for b in members:  # waiting on the device: charged to block_timeout
+                self.started(b.block_id)
+            try:
+                seconds = pending.wait()
+            except Exception as e:
+                for b in members:
+                    b.error, b.data = describe(e), None
+            else:
+                for b in members:
+                    b.compute = seconds / len(members)
+
     def _write(self, group: _Group) -> list[_Block]:
         blocks = group.blocks
+        self._land(blocks)
         ready = [b for b in blocks if b.error is None]
         if self.write_many is not None and len(ready) > 1:
             for b in ready:
