@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from blockpredict.forward import Forward
 from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
 from blockpredict.jobqueue import job_script
-from blockpredict.pipeline import Pipeline, groups_in_memory
+from blockpredict.pipeline import Pending, Pipeline, groups_in_memory
 from blockpredict.precision import TOLERANCE
 from blockpredict.sizing import TaskSizer
 from blockpredict.submit import driver_script
@@ -317,6 +318,54 @@ def test_a_failing_block_fails_alone_in_the_pipeline_and_in_a_batch(group: int, 
     assert sorted(grouped_reads) == (  # several readers take groups in turn, in any order
         [[*range(10)], [11, 12]] if group > 1 else [[*range(4)], [*range(4, 8)], [8, 9], [11, 12]]
     )
+
+
+def test_outputs_still_coming_from_the_device_are_written_once_they_landed():
+    """A GPU's forward returns before its outputs are copied back (``Pending``; the device
+    here: a thread that fills them 10 ms after the call returned). The writer waits for
+    them (without waiting it would write zeros), a batch whose device work fails fails
+    alone, each block's compute time is its batch's device time as the wait reports it,
+    and a block is charged to block_timeout while its writer waits on the device."""
+    device = ThreadPoolExecutor(1)
+    charged: list[int] = []
+
+    def forward(batch: list[np.ndarray]) -> Pending:
+        outputs = [np.zeros_like(b) for b in batch]
+
+        def run() -> None:
+            time.sleep(0.01)
+            if any(b[0, 0] == 5 for b in batch):
+                raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+            for out, b in zip(outputs, batch):
+                out[...] = 2 * b
+
+        done = device.submit(run)
+
+        def wait() -> float:
+            done.result()
+            return 0.25
+
+        return Pending(outputs, wait)
+
+    written: dict[int, float] = {}
+    pipeline = Pipeline(
+        lambda i: np.full((1, 2), float(i), np.float32),
+        forward,
+        lambda i, y: written.__setitem__(i, float(y[0, 0])),
+        batch_size=2,
+        group=2,
+        started=charged.append,
+    )
+    try:
+        results = pipeline.run(list(range(8)))
+    finally:
+        pipeline.close()
+        device.shutdown()
+    errors = {r.block_id: r.error for r in results if r.error}
+    assert set(errors) == {4, 5} and errors[4].startswith("RuntimeError: CUDA error")
+    assert written == {i: 2.0 * i for i in (0, 1, 2, 3, 6, 7)}
+    assert all(r.compute == 0.125 for r in results if r.error is None)
+    assert all(charged.count(i) == 4 for i in (0, 1, 2, 3, 6, 7))  # read, forward, wait, write
 
 
 def test_only_the_hanging_block_is_charged_while_its_group_waits():
