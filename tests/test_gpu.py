@@ -28,10 +28,12 @@ from conftest import (
 from distributed import Client
 from funlib.geometry import Coordinate, Roi
 
+from blockpredict import warm_start
 from blockpredict.build import build_model
 from blockpredict.cluster import connect, local_gpus
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.forward import Forward
+from blockpredict.pipeline import Pending, landed
 from blockpredict.precision import TOLERANCE
 from blockpredict.workflow import predict_workflow, prepare_workflow
 
@@ -101,8 +103,8 @@ def test_reduced_precision_on_the_gpu_stays_within_its_tolerance(precision):
     model = _model().eval().cuda()
     blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(3)]
     device = torch.device("cuda")
-    exact = Forward(model, device, (12, 12, 12), 3)(blocks)
-    reduced = Forward(model, device, (12, 12, 12), 3, precision)(blocks)
+    exact = landed(Forward(model, device, (12, 12, 12), 3)(blocks))
+    reduced = landed(Forward(model, device, (12, 12, 12), 3, precision)(blocks))
     for a, b in zip(exact, reduced, strict=True):
         assert b.dtype == np.float32
         error = max_abs_diff(a, b)
@@ -119,12 +121,12 @@ def test_the_staging_path_uses_pinned_buffers_and_keeps_the_last_output():
     staged = forward.stage(blocks)  # what the reader threads do
     assert all(torch.from_numpy(s).is_pinned() and s.flags.c_contiguous for s in staged)
     assert all(np.array_equal(s, b) for s, b in zip(staged, blocks, strict=True))
-    first = forward([staged[0]])[0]
+    first = landed(forward([staged[0]]))[0]
     kept = first.copy()
-    second = forward([staged[1]])[0]
+    second = landed(forward([staged[1]]))[0]
     assert np.array_equal(first, kept)  # each call's outputs have buffers of their own
     assert torch.from_numpy(second).is_pinned()
-    assert np.array_equal(forward([blocks[1]])[0], second)  # unstaged: the same values
+    assert np.array_equal(landed(forward([blocks[1]]))[0], second)  # unstaged: the same values
     with torch.no_grad():
         plain = model(torch.from_numpy(blocks[1])[None].cuda()).cpu().numpy()[0]
     assert np.array_equal(second, plain)
@@ -138,11 +140,11 @@ def test_a_captured_forward_replays_what_the_model_computes():
     blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(5)]
     device = torch.device("cuda")
     graphed = Forward(model, device, (12, 12, 12), 3, cuda_graphs=True)
-    singles = [graphed([b])[0] for b in blocks]  # eager, eager then captured, replays
+    singles = [landed(graphed([b]))[0] for b in blocks]  # eager, eager then captured, replays
     kept = [s.copy() for s in singles]
-    pairs = [graphed(blocks[i : i + 2]) for i in range(4)]  # a second shape, captured too
+    pairs = [landed(graphed(blocks[i : i + 2])) for i in range(4)]  # a second shape, captured too
     assert sorted(graphed.graphs) == [(1, 1, 28, 28, 28), (2, 1, 28, 28, 28)]
-    graphed([blocks[0]] * 3)  # a third shape runs as it is
+    landed(graphed([blocks[0]] * 3))  # a third shape runs as it is
     assert len(graphed.graphs) == 2
     with torch.no_grad():
         expected = [model(torch.from_numpy(b)[None].cuda()).cpu().numpy()[0] for b in blocks]
@@ -154,6 +156,34 @@ def test_a_captured_forward_replays_what_the_model_computes():
     for i, pair in enumerate(pairs):
         for got, want in zip(pair, expected[i : i + 2], strict=True):
             assert max_abs_diff(got, want) <= tf32_tolerance(want)
+
+
+def test_queued_forwards_each_equal_the_models_own():
+    """The forward thread queues batches without waiting (copy in, forward and copy out on
+    three streams, ordered by events): 24 batches queued before the first wait, each from
+    a pinned input dropped as soon as it was queued (the next one's staging may reuse its
+    buffer), each equal the model's own forward; graphed replays too (their input and
+    output buffers are reused by every replay)."""
+    model = _model().eval().cuda()
+    device = torch.device("cuda")
+    rng = np.random.default_rng(7)
+    batches = [[rng.random((1, 60, 60, 60), dtype=np.float32) for _ in range(4)] for _ in range(24)]
+    with torch.no_grad():
+        expected = [
+            model(torch.from_numpy(np.stack(batch)).cuda()).cpu().numpy() for batch in batches
+        ]
+    for graphs in (False, True):
+        forward = Forward(model, device, (44, 44, 44), 3, cuda_graphs=graphs)
+        queued = [forward(forward.stage(batch)) for batch in batches]  # nothing waited for
+        assert all(isinstance(q, Pending) for q in queued)
+        assert len(forward.graphs) == int(graphs)
+        for q, want in zip(queued, expected, strict=True):
+            assert q.wait() > 0  # the forward's seconds on the device
+            for got, row in zip(q.outputs, want, strict=True):
+                error = max_abs_diff(got, row)
+                assert error <= tf32_tolerance(row), f"graphs {graphs}: {error:.2e}"
+                if not graphs:  # the same kernels as the model's own forward
+                    assert np.array_equal(got, row)
 
 
 class _Syncing(torch.nn.Module):
@@ -169,7 +199,7 @@ def test_a_model_that_cannot_be_captured_runs_as_it_is_with_one_warning():
     forward = Forward(_Syncing().cuda(), device, (12, 12, 12), 3, cuda_graphs=True)
     blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(4)]
     with pytest.warns(RuntimeWarning, match="execution.cuda_graphs: capture failed") as seen:
-        outputs = [forward([b])[0] for b in blocks]
+        outputs = [landed(forward([b]))[0] for b in blocks]
     assert len(seen) == 1 and not forward.graphs and not forward.graphs_on
     for got, block in zip(outputs, blocks, strict=True):
         assert np.array_equal(got, 2 * block[:, 8:-8, 8:-8, 8:-8])
@@ -179,9 +209,9 @@ def test_compile_on_the_gpu_equals_eager():
     model = _model().eval().cuda()
     blocks = [np.random.default_rng(i).random((1, 28, 28, 28), dtype=np.float32) for i in range(2)]
     device = torch.device("cuda")
-    eager = Forward(model, device, (12, 12, 12), 3)(blocks)
+    eager = landed(Forward(model, device, (12, 12, 12), 3)(blocks))
     compiled = Forward(model, device, (12, 12, 12), 3, compile=True)
-    got = compiled(blocks)
+    got = landed(compiled(blocks))
     assert compiled.compiled is not None, "torch.compile fell back on a GPU"
     for a, b in zip(eager, got, strict=True):
         assert max_abs_diff(a, b) <= tf32_tolerance(a)
@@ -193,10 +223,14 @@ def _visible() -> dict[str, Any]:
         "devices": torch.cuda.device_count(),
         "arenas": os.environ.get("MALLOC_ARENA_MAX"),
         "mmap": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "parent": os.getppid(),
     }
 
 
 def test_each_local_gpu_worker_sees_only_its_own_gpu():
+    """Each worker is forked from the warm start's forkserver (which imported torch without
+    starting CUDA), yet sees only its own GPU: its nanny set CUDA_VISIBLE_DEVICES as it
+    started, before its torch started CUDA."""
     config = ClusterConfig.model_validate({"device": "cuda", "dashboard_address": ":0"})
     with connect(config) as client:
         assert isinstance(client, Client)
@@ -204,5 +238,6 @@ def test_each_local_gpu_worker_sees_only_its_own_gpu():
     gpus = local_gpus(config)  # CUDA_VISIBLE_DEVICES's entries, or 0..n-1
     assert gpus and sorted(v["CUDA_VISIBLE_DEVICES"] for v in seen.values()) == sorted(gpus)
     assert all(v["devices"] == 1 for v in seen.values())
+    assert {v["parent"] for v in seen.values()} == {warm_start._pid()} != {os.getpid()}
     # pages kept, but not one arena: a GPU worker's I/O threads allocate at once
     assert all(v["mmap"] == "4294967296" and v["arenas"] is None for v in seen.values())
