@@ -57,9 +57,9 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         )
     gpus = local_gpus(config)
     env = worker_environment(torch_threads(config), config.worker_env, gpu=bool(gpus))
-    # CPU workers fork from a process that already imported torch (started early by the
-    # CLI, else now), for this run's restarts too; GPU workers spawn
-    warm = not gpus and warm_start.begin(env, config.worker_env)
+    # workers fork from a process that already imported torch (started early by the CLI,
+    # else now), for this run's restarts too
+    warm = warm_start.begin(env, config.worker_env)
     method = {warm_start.METHOD: "forkserver"} if warm else {}
     if warm:
         _keep_forkserver_preload()

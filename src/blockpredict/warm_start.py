@@ -1,22 +1,25 @@
-"""Local CPU workers forked from a process that already imported torch: a warm start.
+"""Local workers forked from a process that already imported torch: a warm start.
 
 A worker process spawned fresh imports Python, Dask and torch before it can load the
-model: 2-3 s of CPU per worker on the development machine, started only once the client
-has imported torch itself and started the cluster, one after the other. Instead,
-as soon as the workflow is read (:func:`begin_for`), multiprocessing's forkserver starts
-and imports the workers' modules once, on a core the client leaves idle while it imports
-its own; each local worker is then a fork of it, and a worker restarted after a hung
-block too.
+model: 2-3 s of CPU per worker on the development machine (more for a CUDA build of
+torch), started only once the client has imported torch itself and started the
+cluster, one after the other. Instead, as soon as the workflow is read
+(:func:`begin_for`), multiprocessing's forkserver starts and imports the workers'
+modules once, on a core the client leaves idle while it imports its own; each local
+worker is then a fork of it, and a worker restarted after a hung block too.
 
 What a process reads only as it starts is fixed in the forkserver: glibc's allocator
 variables, and whatever a user's ``worker_env`` sets (``LD_PRELOAD`` for another
 allocator, say). So the forkserver starts with the workers' environment
-(:func:`~blockpredict.environment.worker_environment`), and a cluster whose workers need
-other such values (another ``worker_env`` in the same Python process) spawns them as
-before. Each worker still gets its whole environment from its nanny as it starts, and
-torch's threads are set by the worker (``torch.set_num_threads``), so clusters of
-different sizes share the forkserver. GPU workers always spawn: each must see only its own
-GPU from its start, and a fork must never inherit a CUDA context.
+(:func:`~blockpredict.environment.worker_environment`: a GPU worker's where a GPU device
+file exists), and a cluster whose workers need other such values (another
+``worker_env``, or CPU workers after GPU ones, in the same Python process) spawns them
+as before. Each worker still gets its whole environment from its nanny as it starts,
+and torch's threads are set by the worker (``torch.set_num_threads``), so clusters of
+different sizes share the forkserver. GPU workers fork from it too: the forkserver
+imports torch but never starts CUDA (nothing it imports touches a GPU), and each GPU
+worker's nanny sets its ``CUDA_VISIBLE_DEVICES`` as the process starts, before its
+torch starts CUDA to load the model. A fork never inherits a CUDA context.
 
 The forkserver and its forks ignore SIGINT from their start (a terminal's Ctrl-C
 reaches the driver alone), and the forkserver is killed when the process that started
@@ -62,16 +65,18 @@ def cpu_cluster(config: ClusterConfig) -> bool:
     )
 
 
-def cpu_environment(config: ClusterConfig) -> dict[str, str]:
-    """The environment a local cluster's CPU workers start with."""
-    return worker_environment(torch_threads(config), config.worker_env, gpu=False)
+def local_environment(config: ClusterConfig) -> dict[str, str]:
+    """The environment a local cluster's workers start with (a GPU worker's where a GPU
+    device file exists: the cluster decides with torch, later)."""
+    threads = torch_threads(config)
+    return worker_environment(threads, config.worker_env, gpu=not cpu_cluster(config))
 
 
 def begin_for(config: ClusterConfig) -> None:
-    """Start the forkserver now if this run's workers will be local CPU workers, so
-    that their imports overlap the client's."""
-    if cpu_cluster(config):
-        begin(cpu_environment(config), config.worker_env)
+    """Start the forkserver now if this run's workers will be local workers, so that
+    their imports overlap the client's."""
+    if config.type == "local":
+        begin(local_environment(config), config.worker_env)
 
 
 def begin(env: Mapping[str, str], user: Iterable[str] = ()) -> bool:
@@ -92,7 +97,7 @@ def begin(env: Mapping[str, str], user: Iterable[str] = ()) -> bool:
             return False
         _started_with, _started_user = dict(env), set(user)
         atexit.register(_stop)
-        logger.debug("forkserver %s started for local CPU workers", _pid())
+        logger.debug("forkserver %s started for local workers", _pid())
     fixed = {*ALLOCATOR_ENV, *_started_user, *user}
     return all(_started_with.get(name) == env.get(name) for name in fixed)
 
