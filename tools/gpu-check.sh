@@ -6,19 +6,12 @@
 #      then the engine on the bench's workflow with each `--set` of $VARIANTS (';' between);
 #   3. the demo's start-up: seconds from the command's start to its first finished block
 #      (skipped once $UNTIL_S seconds have passed).
-# Logs and figures go to $OUT (default ./gpu-out). A machine with no package index can
-# carry the project's dependencies as wheels in .whl/ (Python 3.12 here): they are
-# installed into /tmp/site first; elsewhere, `pip install -e .` beforehand is enough.
+# Logs and figures go to $OUT (default ./gpu-out). Dependencies: tools/gpu-site.sh.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-wheels=${WHEELS:-.whl}
-if ls "$wheels"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$wheels"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-fi
+source "$(dirname "$0")/gpu-site.sh"
+[[ -n $site ]] && export PYTHONPATH=$site:$PWD/src
 bp() { python3 -m blockpredict.cli "$@"; }
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
