@@ -8,7 +8,8 @@
 #   4. the demo's start-up from each tree in turns ($REPS times): the run's start, the model
 #      loaded on the workers, the first finished block and the command's end.
 # OLD is the other tree's folder holding blockpredict (e.g. `mkdir .ab-old && git archive
-# REV src | tar -x -C .ab-old`, OLD=.ab-old/src). Logs go to $OUT (default ./gpu-out).
+# REV src | tar -x -C .ab-old`, OLD=.ab-old/src). PARTS picks the parts (default
+# "tests limit engine demo"; the workflow is always made). Logs go to $OUT (./gpu-out).
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -16,15 +17,19 @@ source "$(dirname "$0")/gpu-site.sh"
 new=$PWD/src
 old=$(cd "${OLD:?the other tree: OLD=folder holding blockpredict}" && pwd)
 reps=${REPS:-2}
+parts=" ${PARTS:-tests limit engine demo} "
 with() { PYTHONPATH=${site:+$site:}$1 "${@:2}"; }  # a command with one tree's blockpredict
 nvidia-smi -L
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)"
 
-echo "== 1. tests/test_gpu.py"
-with "$new" timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" | tail -4
+if [[ $parts == *" tests "* ]]; then
+  echo "== 1. tests/test_gpu.py"
+  with "$new" timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log" | tail -4
+fi
 
 echo "== 2. workflow and limit"
+export LIMIT=$([[ $parts == *" limit "* ]] && echo 1)
 with "$new" python3 - <<'PY' 2>&1 | tee "$out/limit.log"
 import os
 from pathlib import Path
@@ -38,7 +43,7 @@ _cube(sub / "in.zarr" / "raw", size, np.random.default_rng(0).integers(0, 255, (
 model = {"unet": UNET, "head": {"out_channels": 1}}
 _workflow(sub, model, cluster={"device": "cuda"})
 _workflow(sub, model, "workflow-b4.yaml", cluster={"device": "cuda"}, execution={"batch_size": 4})
-for row in limit(model, 512, 92**3, len(os.sched_getaffinity(0)), "cuda")["layouts"]:
+for row in limit(model, 512, 92**3, len(os.sched_getaffinity(0)), "cuda")["layouts"] if os.environ.get("LIMIT") else []:
     print(f"limit: {row['layout']:32s} {row['voxels_per_s'] / 1e6:7.1f} M voxels/s")
 PY
 
@@ -58,14 +63,17 @@ print(f"{sys.argv[1]:10s} command {float(sys.argv[4]) - float(sys.argv[3]):5.1f}
       f"{steady:5.2f} s  {voxels / steady / 1e6:6.1f} M voxels/s  p50 ms: {p}")
 PY
 }
-echo "== 3. engine, in turns"
-for i in $(seq "$reps"); do
-  engine "$new" new /tmp/ab/workflow.yaml
-  engine "$old" old /tmp/ab/workflow.yaml
-done
-engine "$new" "new b4" /tmp/ab/workflow-b4.yaml
-engine "$old" "old b4" /tmp/ab/workflow-b4.yaml
+if [[ $parts == *" engine "* ]]; then
+  echo "== 3. engine, in turns"
+  for i in $(seq "$reps"); do
+    engine "$new" new /tmp/ab/workflow.yaml
+    engine "$old" old /tmp/ab/workflow.yaml
+  done
+  engine "$new" "new b4" /tmp/ab/workflow-b4.yaml
+  engine "$old" "old b4" /tmp/ab/workflow-b4.yaml
+fi
 
+[[ $parts == *" demo "* ]] || exit 0
 echo "== 4. demo start-up, in turns"
 with "$new" timeout 200 python3 -m blockpredict.cli demo --dir /tmp/demo >"$out/demo.log" 2>&1 \
   || { tail -5 "$out/demo.log"; exit 0; }
