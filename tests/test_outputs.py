@@ -236,25 +236,21 @@ def test_sharded_run_with_4_workers_writes_one_shard_per_block(tmp_path, cluster
 
 
 def write_ome_input(folder: Path, volume: np.ndarray, zarr_format: int) -> None:
-    """A multiscale image written by ome-zarr: s0 at voxel 2, s1 at 4, s2 at 8 (nm)."""
+    """A multiscale image as ome-zarr (0.18) writes it: s0 at voxel 2 nm, s1 at 4 and s2 at
+    8, each level shifted by half a voxel of the one below (pixel centres): translations
+    0, 1 and 3 nm."""
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.writer import write_image
 
     group = zarr.open_group(str(folder / "in.zarr"), mode="w", zarr_format=zarr_format)
     image = group.create_group("raw")
-    transforms = [
-        [
-            {"type": "scale", "scale": [2.0 * f] * 3},
-            {"type": "translation", "translation": [16.0] * 3},
-        ]
-        for f in (1, 2, 4)
-    ]
     write_image(
         volume,
         image,
         scale_factors=[{"z": 2, "y": 2, "x": 2}, {"z": 4, "y": 4, "x": 4}],
-        axes=[{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
-        coordinate_transformations=transforms,
+        axes="zyx",
+        scale={"z": 2.0, "y": 2.0, "x": 2.0},
+        axes_units={"z": "nanometer", "y": "nanometer", "x": "nanometer"},
         fmt=FormatV04() if zarr_format == 2 else FormatV05(),
     )
 
@@ -273,8 +269,10 @@ def test_ome_input_level_gives_voxel_size_and_offset(tmp_path, cluster_address, 
     assert s1.shape == (36, 36, 36)
     image = tmp_path / "out.zarr" / "pred"
     got = read_output(image)
-    # the output voxel size is s1's, and its offset s1's translation plus one voxel of context
-    assert ome_levels(image)[0][:2] == ([1.0, 4.0, 4.0, 4.0], [0.0, 20.0, 20.0, 20.0])
+    # the output voxel size is s1's, and its translation s1's (1 nm, off s1's 4 nm grid)
+    # plus one voxel of context: the predictions stay where their input voxels are
+    assert ome_levels(image)[0][:2] == ([1.0, 4.0, 4.0, 4.0], [0.0, 5.0, 5.0, 5.0])
+    assert zarr.open_array(str(image / "s0")).attrs["offset"] == [4, 4, 4]  # funlib's grid
     x = torch.from_numpy(s1.astype(np.float32) / 255)[None, None]
     expected = torch.nn.functional.avg_pool3d(x, 3, stride=1)[0].numpy()
     assert got.shape == (1, 34, 34, 34)
@@ -354,7 +352,10 @@ def test_plan_prints_the_ome_level_and_the_output_layout(tmp_path):
     project.workflow["output"].update(multiscale=1, chunk_shape=[2, 2, 2])
     result = project.plan()
     assert result.returncode == 0, result.stderr
-    assert "s1 of OME-NGFF image raw at voxel size (4, 4, 4) offset (16, 16, 16)" in result.stdout
+    assert (
+        "s1 of OME-NGFF image raw at voxel size (4, 4, 4) offset (0, 0, 0)"
+        " (+(1.0, 1.0, 1.0), kept in the output's translation)" in result.stdout
+    )
     assert "zarr v3, OME-NGFF 0.5" in result.stdout
     assert "output array pred/s0" in result.stdout and "shards (1, 4, 4, 4)" in result.stdout
     assert "output array pred/s1" in result.stdout

@@ -47,7 +47,8 @@ def describe_plan(prepared: Prepared) -> str:
                 (
                     "input level",
                     f"{lv.level} of OME-NGFF image {lv.group} at voxel size "
-                    f"{c(lv.voxel_size)} offset {c(lv.offset)}",
+                    f"{c(lv.voxel_size)} offset {c(lv.offset)}"
+                    + (f" (+{c(lv.shift)}, kept in the output's translation)" if lv.shift else ""),
                 )
             ]
             if (lv := prepared.input.ome_level)

@@ -66,6 +66,7 @@ class OutputInfo:
     axis_names: tuple[str, ...] = field(default=())
     units: tuple[str, ...] = field(default=())
     storage_options: dict = field(default_factory=dict)  # fsspec options of a URL container
+    shift: tuple[float, ...] = ()  # the input's sub-voxel shift, kept in the OME translation
 
 
 def describe_output(
@@ -75,6 +76,7 @@ def describe_output(
     axis_names: tuple[str, ...],
     units: tuple[str, ...],
     input_zarr_format: int = 3,
+    shift: tuple[float, ...] = (),
 ) -> OutputInfo:
     """The whole output layout, or a :class:`GeometryError`/:class:`ConfigError`."""
     zarr_format = output.zarr_format or input_zarr_format
@@ -127,6 +129,7 @@ def describe_output(
         axis_names=tuple(axis_names),
         units=tuple(units),
         storage_options=dict(output.storage_options),
+        shift=shift,
     )
 
 

@@ -6,6 +6,14 @@ size) and translation (the ROI's offset, world units, funlib's corner
 convention). Version 0.4 for zarr v2 (``.zattrs``) and 0.5 for zarr v3
 (``zarr.json``, under ``attributes.ome``).
 
+An input level's translation need not fall on its voxel grid: ome-zarr (0.18 and
+later) writes each downsampled level shifted by half a voxel of the level below
+(pixel centres: ``s1`` of a 2 nm image has voxel size 4 and translation 1). The
+level is then read on its grid (the offset rounded down to a multiple of its voxel
+size, as funlib's ROIs need) and the remainder, a sub-voxel ``shift`` of the whole
+grid, is added back to the output's translation, so predictions stay where their
+voxels are.
+
 funlib.persistence 0.7's ``prepare_ome_ds`` writes through iohub's "fov"
 layout: one image per store, that must not exist yet, without shards or
 pyramid levels. We write the few keys ourselves, and keep funlib's own
@@ -14,6 +22,7 @@ attributes on every level array so that ``open_ds`` still reads them.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,14 +67,20 @@ def multiscales(
     levels: Sequence[tuple[str, Coordinate, Coordinate]],
     zarr_format: int,
     method: str,
+    shift: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Group attributes for one multiscale image; ``levels`` is (path, voxel size, offset)."""
+    """Group attributes for one multiscale image; ``levels`` is (path, voxel size, offset),
+    and ``shift`` (world units) is added to every level's translation."""
+    shift = tuple(shift) or (0.0,) * len(axis_names)
     datasets = [
         {
             "path": path,
             "coordinateTransformations": [
                 {"type": "scale", "scale": [1.0, *(float(v) for v in voxel_size)]},
-                {"type": "translation", "translation": [0.0, *(float(o) for o in offset)]},
+                {
+                    "type": "translation",
+                    "translation": [0.0, *(o + d for o, d in zip(offset, shift, strict=True))],
+                },
             ],
         }
         for path, voxel_size, offset in levels
@@ -93,6 +108,9 @@ class OmeLevel:
     axis_names: tuple[str, ...]  # funlib names: channel axes end in "^"
     types: tuple[str, ...]
     units: tuple[str, ...]  # spatial axes only
+    # the translation beyond ``offset`` (world units, each under one voxel): the
+    # output's translation keeps it; empty where the translation is on the grid
+    shift: tuple[float, ...] = ()
 
 
 def find_level(container: str, dataset: str) -> OmeLevel | None:
@@ -131,11 +149,16 @@ def find_level(container: str, dataset: str) -> OmeLevel | None:
         raise InputError(
             "OME-NGFF axes and coordinateTransformations disagree", where, "fix the metadata"
         )
+    voxel_size = _whole([scale[i] for i in spatial], where)
+    on_grid = [float(translation[i]) for i in spatial]
+    offset = Coordinate(math.floor(t / v) * v for t, v in zip(on_grid, voxel_size, strict=True))
+    shift = tuple(t - o for t, o in zip(on_grid, offset, strict=True))
     return OmeLevel(
         group=group_name,
         level=level,
-        voxel_size=_whole([scale[i] for i in spatial], where),
-        offset=_whole([translation[i] for i in spatial], where),
+        voxel_size=voxel_size,
+        offset=offset,
+        shift=shift if any(shift) else (),
         axis_names=tuple(n if i in spatial else n + "^" for i, n in enumerate(names)),
         types=tuple("space" if i in spatial else "channel" for i in range(len(names))),
         units=tuple(_unit(axes_meta[i]) for i in spatial),
@@ -179,7 +202,7 @@ def _transforms(
 def _whole(values: Sequence[float], where: str) -> Coordinate:
     if any(float(v) != int(v) for v in values):
         raise InputError(
-            f"OME-NGFF scale/translation {list(values)} are not whole numbers",
+            f"OME-NGFF scale {list(values)} is not in whole numbers",
             where,
             "express them in a unit where they are integers (e.g. nanometer)",
         )

@@ -124,7 +124,8 @@ def open_input(
         if level is None:
             array = open_metadata(store, voxel_size=meta.voxel_size, offset=meta.offset)
         else:
-            level = replace(level, voxel_size=meta.voxel_size, offset=meta.offset)
+            # a given offset says where the data is: the level's sub-voxel shift goes
+            level = replace(level, voxel_size=meta.voxel_size, offset=meta.offset, shift=())
             array = _open_ome_level(store, level)
     return InputInfo(
         path=path,
@@ -302,7 +303,9 @@ def _create_image(info: OutputInfo, image: Image) -> None:
     method = "mean" if image.dtype.startswith("float") else "rounded mean"
     levels = [(level.name, level.voxel_size, info.roi.offset) for level in image.levels]
     name = os.path.basename(image.path)
-    group.attrs.update(ome.multiscales(name, names, info.units, levels, info.zarr_format, method))
+    group.attrs.update(
+        ome.multiscales(name, names, info.units, levels, info.zarr_format, method, info.shift)
+    )
 
 
 def _compressors(name: str, zarr_format: int) -> Any:

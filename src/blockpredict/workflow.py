@@ -89,6 +89,7 @@ class Prepared:
             info.axis_names,
             info.units,
             info.zarr_format,
+            info.ome_level.shift if info.ome_level else (),
         )
 
     def geometry(self) -> dict[str, Any]:
