@@ -499,24 +499,37 @@ def test_several_io_threads_read_and_write_at_once_within_their_bound():
 def test_task_sizes_auto_and_forced():
     forced = TaskSizer(5)
     assert forced.size(remaining=1000) == 5
+    # each worker's first block warms its device up: it is not measured
+    warmup = BlockResult(0, read=0.05, compute=0.26, write=0.01, worker="w")
     sizer = TaskSizer("auto", batch_size=2, workers=2)
     assert sizer.size(remaining=1000) == 2  # nothing measured yet: one batch
-    tiny = BlockResult(0, read=0.0003, compute=0.0001, write=0.001)
+    sizer.observe(warmup)
+    assert sizer.size(remaining=1000) == 2  # nor after the warm-up alone
+    tiny = BlockResult(1, read=0.0003, compute=0.0001, write=0.001, worker="w")
     sizer.observe(tiny)
     assert sizer.size(remaining=100_000) >= 200  # tiny blocks: the per-task cost dominates
     assert sizer.size(remaining=8) >= 8  # the end: a few ms of work is not worth a round trip
     slow = TaskSizer("auto", workers=2)
-    slow.observe(BlockResult(0, read=0.015, compute=0.6, write=0.04))
+    for result in (warmup, BlockResult(1, read=0.015, compute=0.6, write=0.04, worker="w")):
+        slow.observe(result)
     assert slow.size(remaining=1000) == 1  # the pipeline does not drain between tasks
-    gpu = BlockResult(0, read=0.015, compute=0.05, write=0.02)
+    gpu = BlockResult(1, read=0.015, compute=0.05, write=0.02, worker="w")
     small, big = TaskSizer("auto", workers=2), TaskSizer("auto", workers=512)
-    small.observe(gpu)
-    big.observe(gpu)
+    for sizer in (small, big):
+        sizer.observe(warmup)
+        sizer.observe(gpu)
     # the scheduler handles every worker's tasks: tasks get longer on a bigger cluster
     assert small.size(remaining=10**6) == 5 and big.size(remaining=10**6) == 410
     # near the end tasks shrink to a share for every worker, but never below 0.25 s of work:
     # a worker waiting a round trip for each tiny task idles more than it balances
     assert big.size(remaining=10_000) == 10 and big.size(remaining=100) == 5
+    # an H100's first forward of the bench U-Net took 0.26 s, the next 3 ms: counted in,
+    # the warm-up kept tasks at 7 blocks (0.25 s over a mean of 36 ms) instead of 50
+    fast = TaskSizer("auto", workers=1)
+    fast.observe(warmup)
+    for i in range(7):
+        fast.observe(BlockResult(i, read=0.005, compute=0.003, write=0.0025, worker="w"))
+    assert fast.size(remaining=500) == 50
 
 
 @pytest.mark.parametrize(
