@@ -32,8 +32,6 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import dask
-
 if TYPE_CHECKING:
     from .config import ClusterConfig
 
@@ -104,6 +102,8 @@ def nanny_environment(env: Mapping[str, str]) -> Iterator[None]:
     of 65536, or a second run's ``worker_env`` was ignored. A restart uses the values the
     nanny captured, so a worker restarted after a hung block gets the same environment.
     """
+    import dask  # here, not at import: the warm start's forkserver starts before Dask loads
+
     merged = {**dask.config.get(PRE_SPAWN, {}), **env}
     with dask.config.set({PRE_SPAWN: merged, **DASK_CONFIG}), process_environment(env):
         yield

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import dask
-
 from . import worker_exit
 
 PRELOAD = __name__  # the module's name: a Dask preload that every worker process imports
@@ -27,6 +25,8 @@ PRELOAD = __name__  # the module's name: a Dask preload that every worker proces
 def worker_preloads() -> list[str]:
     """The workers' preloads: the user's Dask config, then this module and
     :mod:`~blockpredict.worker_exit` (a closed worker leaves without the teardown)."""
+    import dask  # here, not at import: the warm start's forkserver starts before Dask loads
+
     configured = dask.config.get("distributed.worker.preload", []) or []
     return [*configured, PRELOAD, worker_exit.PRELOAD]
 
