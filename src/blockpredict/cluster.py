@@ -23,7 +23,7 @@ from .worker_signals import worker_preloads, workers_ignore_sigint
 logger = logging.getLogger(__name__)
 
 # The schedulers blockpredict starts (local, GPU and batch) open their HTTP server at
-# once but connect Dask's Bokeh dashboard only once the first tasks are out
+# once but connect Dask's Bokeh dashboard only once the run is under way
 # (attach_dashboard): importing Bokeh took about 0.6 s that the first block waited for.
 DASHBOARD_LATER = {"dashboard": False}
 
@@ -101,9 +101,10 @@ def _keep_forkserver_preload() -> None:
 def attach_dashboard(client: Client) -> None:
     """Dask's dashboard, with our page, on the scheduler this process started without it.
 
-    Called once the run's first tasks are submitted. Imports Bokeh here, in the calling
-    thread, and connects the dashboard on the scheduler's event loop; a scheduler of
-    another process (``type: address``) or one that has its dashboard is left alone.
+    Called once the run is under way (``runner.run``'s ``under_way``). Imports Bokeh here,
+    in the calling thread, and connects the dashboard on the scheduler's event loop; a
+    scheduler of another process (``type: address``) or one that has its dashboard is
+    left alone.
     """
     scheduler = getattr(getattr(client, "cluster", None), "scheduler", None)
     application = getattr(scheduler, "http_application", None)

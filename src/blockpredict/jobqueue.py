@@ -135,7 +135,7 @@ def cluster_options(config: ClusterConfig) -> dict[str, Any]:
         options["shared_temp_directory"] = str(tls_dir)
     scheduler = dict(options.pop("scheduler_options", {}))
     scheduler.setdefault("dashboard_address", config.dashboard_address)
-    scheduler.update(DASHBOARD_LATER)  # connected once the first tasks are out
+    scheduler.update(DASHBOARD_LATER)  # connected once the run is under way
     options["scheduler_options"] = scheduler
     return options
 

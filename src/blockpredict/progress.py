@@ -12,9 +12,11 @@ import math
 import os
 import sys
 import time
+from contextlib import ExitStack
 from typing import IO, Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .observe import RunObserver
 from .words import plural
@@ -59,6 +61,7 @@ class Progress(RunObserver):
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval
         self.bar: tqdm | None = None
+        self._above_bar = ExitStack()  # log lines go above the bar while it is up
         self.done = self.failed = self.processed = self.total = 0
         self.workers: set[str] = set()
         self.initial_workers = 0
@@ -73,8 +76,8 @@ class Progress(RunObserver):
         self.start = self.last_line = time.monotonic()
 
     def _show_bar(self) -> None:
-        """The bar, from the first tick or result on: the lines logged as the first tasks
-        go out (the dashboard's URLs) come before it, not through it."""
+        """The bar, from the first tick or result on. Lines logged while it is up (the
+        dashboard's URLs, a failed block's warning) are written above it, not through it."""
         if self.tty and self.bar is None:
             self.bar = tqdm(
                 total=self.total,
@@ -85,6 +88,7 @@ class Progress(RunObserver):
                 ncols=_size(self.stream)[0],
                 nrows=_size(self.stream)[1],
             )
+            self._above_bar.enter_context(logging_redirect_tqdm())
 
     def block_finished(self, result: Any) -> None:
         self.done += 1
@@ -123,6 +127,7 @@ class Progress(RunObserver):
         if self.bar is not None:
             self._postfix()
             self.bar.close()
+            self._above_bar.close()
         elif time.monotonic() - self.start >= self.interval:
             logger.info(self.line())
 

@@ -38,6 +38,11 @@ from .worker import ModelPlugin
 
 logger = logging.getLogger(__name__)
 
+# ``under_way`` waits for the first finished blocks, or this long after the first tasks
+# went out: the workflow then imports Bokeh for the dashboard (0.6 s of CPU here), which
+# would compete with the workers' first forwards for the cores
+UNDER_WAY_DELAY_S = 2.0
+
 
 class Dispatcher:
     """Keeps a bounded window of tasks in flight and accounts for each result."""
@@ -255,7 +260,7 @@ def run(
     expected_threads: int = 0,
     plugin: WorkerPlugin | None = None,
     loading: Loading | None = None,
-    submitted: Callable[[], None] | None = None,
+    under_way: Callable[[], None] | None = None,
 ) -> RunReport:
     """Process every pending block of ``job.plan`` on ``client``'s workers.
 
@@ -263,8 +268,9 @@ def run(
     (batch clusters), so adaptive scaling sees enough queued work. ``plugin``
     replaces the model plugin (the bench's simulated device); ``loading`` is
     the plugin already being registered (times then count from its start).
-    ``submitted`` is called once the first tasks are out (the workflow connects
-    the dashboard then, while the workers compute).
+    ``under_way`` is called once the first blocks are in, or ``UNDER_WAY_DELAY_S``
+    after the first tasks went out, whichever comes first, and at the latest as the
+    run ends (the workflow connects the dashboard then).
     """
     plan = job.plan
     loading = loading or start_loading(client, plugin or ModelPlugin(job))
@@ -284,11 +290,13 @@ def run(
     next_timeout_check = time.perf_counter()
     with stop_on_signals(d):
         d.submit_more(window)
+        due = time.perf_counter() + UNDER_WAY_DELAY_S
         try:
-            if submitted is not None:
-                submitted()
             while d.owner:
                 now = time.perf_counter()
+                if under_way is not None and (now >= due or d.report.blocks_processed):
+                    under_way()  # the first blocks are in, or they went out a while ago
+                    under_way = None
                 if d.stop_reason and grace_end == math.inf:
                     grace_end = now + execution.grace_period
                 if d.stop_reason and not d.drained:
@@ -310,6 +318,8 @@ def run(
                 d.submit_more(window)
                 ledger.flush(every=2.0)
                 observer.tick()
+            if under_way is not None:  # a run over before its first blocks came in
+                under_way()
         finally:
             observer.tick()
             ledger.flush()

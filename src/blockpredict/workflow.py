@@ -342,7 +342,7 @@ def execute(
             progress=progress,
             expected_threads=expected * cluster.threads_per_worker,
             loading=loading,
-            submitted=lambda: _show_dashboard(client, page, execution),
+            under_way=lambda: _show_dashboard(client, page, execution),
         )
         show_final()  # open pages draw how the run ended before the cluster closes
         if page and execution.dashboard_linger and not report.interrupted:
@@ -352,7 +352,7 @@ def execute(
 
 
 def _show_dashboard(client: Any, page: str | None, execution: ExecutionConfig) -> None:
-    """Connect the dashboard and print its URLs, once the first tasks are out (Bokeh's
+    """Connect the dashboard and print its URLs, once the run is under way (Bokeh's
     imports no longer delay the first block); the run goes on without it if that fails."""
     from .cluster import attach_dashboard
 
