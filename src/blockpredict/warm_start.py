@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.util
 import logging
 import multiprocessing
 import multiprocessing.forkserver as forkserver
@@ -55,14 +56,26 @@ _started_user: set[str] = set()  # the variables a user's worker_env set in it
 def cpu_cluster(config: ClusterConfig) -> bool:
     """A local cluster whose workers run on the CPU, told without importing torch.
 
-    ``device: auto`` counts as the CPU only where no GPU device file exists; the
-    cluster decides again, with torch, when it starts.
+    ``device: auto`` counts as the CPU unless a GPU device file exists and torch is a
+    GPU build; the cluster decides again, with torch, when it starts (where the two
+    disagree, its workers spawn).
     """
     if config.type != "local" or config.device == "cuda":
         return False
-    return config.device == "cpu" or not (
-        glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
-    )
+    return config.device == "cpu" or not _gpu_likely()
+
+
+def _gpu_likely() -> bool:
+    """A GPU device file, GPUs not hidden, and a GPU build of torch (its CUDA or ROCm
+    library), told without importing torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False
+    spec = importlib.util.find_spec("torch")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    libraries = ("libtorch_cuda.so", "libtorch_hip.so")
+    return any(os.path.exists(os.path.join(f, "lib", name)) for f in folders for name in libraries)
 
 
 def local_environment(config: ClusterConfig) -> dict[str, str]:
