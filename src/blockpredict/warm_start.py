@@ -11,8 +11,8 @@ worker is then a fork of it, and a worker restarted after a hung block too.
 What a process reads only as it starts is fixed in the forkserver: glibc's allocator
 variables, and whatever a user's ``worker_env`` sets (``LD_PRELOAD`` for another
 allocator, say). So the forkserver starts with the workers' environment
-(:func:`~blockpredict.environment.worker_environment`: a GPU worker's where a GPU device
-file exists), and a cluster whose workers need other such values (another
+(:func:`~blockpredict.environment.worker_environment`: a GPU worker's where a GPU is
+likely, see :func:`cpu_cluster`), and a cluster whose workers need other such values (another
 ``worker_env``, or CPU workers after GPU ones, in the same Python process) spawns them
 as before. Each worker still gets its whole environment from its nanny as it starts,
 and torch's threads are set by the worker (``torch.set_num_threads``), so clusters of
@@ -79,8 +79,8 @@ def _gpu_likely() -> bool:
 
 
 def local_environment(config: ClusterConfig) -> dict[str, str]:
-    """The environment a local cluster's workers start with (a GPU worker's where a GPU
-    device file exists: the cluster decides with torch, later)."""
+    """The environment a local cluster's workers start with (a GPU worker's where a GPU is
+    likely: the cluster decides with torch, later)."""
     threads = torch_threads(config)
     return worker_environment(threads, config.worker_env, gpu=not cpu_cluster(config))
 
