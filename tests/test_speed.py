@@ -34,7 +34,7 @@ from distributed import Client, LocalCluster
 from blockpredict.build import build_model
 from blockpredict.cluster import connect
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
-from blockpredict.environment import ALLOCATOR_ENV
+from blockpredict.environment import ALLOCATOR_ENV, MIMALLOC_ENV, mimalloc_library
 from blockpredict.forward import Forward
 from blockpredict.gpu_preload import own_gpu
 from blockpredict.job import BlockResult
@@ -45,13 +45,14 @@ from blockpredict.sizing import TaskSizer
 from blockpredict.submit import driver_script
 from blockpredict.workflow import predict_workflow
 
-VARS = (*ALLOCATOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLOCKPREDICT_EXTRA")
+VARS = (*ALLOCATOR_ENV, *MIMALLOC_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLOCKPREDICT_EXTRA")
 
 
 def _read_env() -> dict[str, str | None]:
     import dask
 
     seen: dict[str, str | None] = {name: os.environ.get(name) for name in VARS}
+    seen["mimalloc"] = str("libmimalloc" in Path("/proc/self/maps").read_text())
     seen["profiler"] = str(dask.config.get("distributed.worker.profile.enabled"))
     seen["tick"] = str(dask.config.get("distributed.admin.tick.interval"))
     return seen
@@ -73,6 +74,7 @@ def test_local_workers_see_allocator_thread_and_user_variables():
         assert env["MALLOC_TRIM_THRESHOLD_"] == "17179869184"  # not the nanny's 65536
         assert env["MALLOC_ARENA_MAX"] == "2"  # worker_env overrides a default
         assert env["BLOCKPREDICT_EXTRA"] == "yes"  # and adds
+        assert env["mimalloc"] == "True" and env["MIMALLOC_PURGE_DELAY"] == "-1"  # preloaded
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"  # 2 cores, 2 workers
         assert env["profiler"] == "False"  # seceding tasks would race Dask's sampler
         assert env["tick"] == "500ms"  # not 50 wake-ups a second taken from the forward
@@ -87,12 +89,15 @@ from blockpredict.config import ClusterConfig
 def seen():
     raw = Path("/proc/self/environ").read_bytes().split(b"\\0")  # as the process started
     start = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
-    names = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "EXTRA")
+    names = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "EXTRA",
+             "LD_PRELOAD", "MIMALLOC_PURGE_DELAY", "MIMALLOC_ALLOW_THP")
     return {"parent": os.getppid(), "torch": "torch" in sys.modules,
-            "start": {name: start.get(name) for name in names}}
+            "start": {name: start.get(name) for name in names},
+            "mimalloc": "libmimalloc" in Path("/proc/self/maps").read_text()}
 
 runs = {}
-for name, env in (("first", {}), ("other", {"MALLOC_ARENA_MAX": "2", "EXTRA": "y"}), ("again", {})):
+other = {"MALLOC_ARENA_MAX": "2", "EXTRA": "y", "LD_PRELOAD": ""}  # glibc, the user's choice
+for name, env in (("first", {}), ("other", other), ("again", {})):
     config = {"n_workers": 2, "dashboard_address": ":0", "device": "cpu", "worker_env": env}
     with connect(ClusterConfig.model_validate(config)) as client:
         runs[name] = list(client.run(seen).values())
@@ -113,17 +118,19 @@ def test_local_cpu_workers_start_warm_unless_their_start_environment_differs():
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     client, first, other, again = seen["client"], seen["first"], seen["other"], seen["again"]
-    kept = {**ALLOCATOR_ENV, "EXTRA": None}
+    kept = {**ALLOCATOR_ENV, "EXTRA": None, "LD_PRELOAD": mimalloc_library(), **MIMALLOC_ENV}
     forkserver = {worker["parent"] for worker in first}
     assert len(forkserver) == 1 and client not in forkserver  # forked, not spawned
     assert not seen["pandas"]  # 0.3-0.5 s on the event loop as the first worker starts
     for worker in first + again:
         assert worker["torch"]  # imported before the worker started
-        assert worker["start"] == kept  # what glibc read as the process started
+        assert worker["start"] == kept  # what the allocators read as the process started
+        assert worker["mimalloc"]  # preloaded in the forkserver, so in its forks
     assert {worker["parent"] for worker in again} == forkserver
     for worker in other:
         assert worker["parent"] == client and not worker["torch"]  # spawned
-        assert worker["start"] == {**kept, "MALLOC_ARENA_MAX": "2", "EXTRA": "y"}
+        assert worker["start"] == {**kept, "MALLOC_ARENA_MAX": "2", "EXTRA": "y", "LD_PRELOAD": ""}
+        assert not worker["mimalloc"]  # the user's empty LD_PRELOAD: glibc
 
 
 def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
@@ -136,6 +143,9 @@ def test_batch_worker_and_driver_jobs_export_the_variables(tmp_path: Path):
     lines = job_script(ClusterConfig.model_validate(section)).splitlines()
     assert "export MALLOC_TRIM_THRESHOLD_=17179869184" in lines
     assert "export OMP_NUM_THREADS=3" in lines
+    library = mimalloc_library()  # preloaded only on a node that has the client's copy
+    assert f"if [ -e {library} ]; then export LD_PRELOAD={library}; fi" in lines
+    assert "export MIMALLOC_PURGE_DELAY=-1" in lines
     assert "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=500ms" in lines
     assert "export BLOCKPREDICT_EXTRA='a b'" in lines
     # the user's own prologue comes after ours, so it wins

@@ -8,9 +8,10 @@ cluster, one after the other. Instead, as soon as the workflow is read
 modules once, on a core the client leaves idle while it imports its own; each local
 worker is then a fork of it, and a worker restarted after a hung block too.
 
-What a process reads only as it starts is fixed in the forkserver: glibc's allocator
-variables, and whatever a user's ``worker_env`` sets (``LD_PRELOAD`` for another
-allocator, say). So the forkserver starts with the workers' environment
+What a process reads only as it starts is fixed in the forkserver: the allocator
+(mimalloc's preload and variables, glibc's variables), and whatever a user's
+``worker_env`` sets (``LD_PRELOAD`` for another allocator, say). So the forkserver
+starts with the workers' environment
 (:func:`~blockpredict.environment.worker_environment`: a GPU worker's where a GPU is
 likely, see :func:`cpu_cluster`), and a cluster whose workers need other such values (another
 ``worker_env``, or CPU workers after GPU ones, in the same Python process) spawns them
@@ -40,7 +41,7 @@ import signal
 from collections.abc import Iterable, Mapping
 
 from .config import ClusterConfig
-from .environment import ALLOCATOR_ENV, process_environment, torch_threads, worker_environment
+from .environment import START_VARS, process_environment, torch_threads, worker_environment
 from .worker_signals import workers_ignore_sigint
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def begin(env: Mapping[str, str], user: Iterable[str] = ()) -> bool:
         _started_with, _started_user = dict(env), set(user)
         atexit.register(_stop)
         logger.debug("forkserver %s started for local workers", _pid())
-    fixed = {*ALLOCATOR_ENV, *_started_user, *user}
+    fixed = {*START_VARS, *_started_user, *user}
     return all(_started_with.get(name) == env.get(name) for name in fixed)
 
 
