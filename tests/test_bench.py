@@ -24,7 +24,10 @@ def test_bench_quick_prints_figures(tmp_path):
     assert modes["limit"]["of_limit_wall"] == 1.0
     assert all(m["voxels_per_s"] > 0 and m["of_limit_steady"] > 0 for m in modes.values())
     assert {"read", "compute", "write"} <= set(figures["compare"]["engine_phases"])
-    assert len(figures["compare"]["limit_layouts"]) == 4  # 2 layouts x 2 allocator settings
+    layouts = figures["compare"]["limit_layouts"]  # 2 layouts x 3 allocator settings
+    assert [r["allocator"] for r in layouts] == ["default"] * 2 + ["pages kept"] * 2 + [
+        "mimalloc"
+    ] * 2
     assert [r["blocks"] for r in figures["startup"]] == [1331]
     assert {r["blocks_per_task"] for r in figures["dispatch"]} == {"auto", 8}
     assert all(r["blocks_per_s"] > 0 and r["steady_blocks_per_s"] > 0 for r in figures["dispatch"])

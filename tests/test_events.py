@@ -80,6 +80,8 @@ def test_the_log_of_a_run_with_one_failing_block(on_path, cluster_address):
     assert sorted(e["block"] for e in finished) == [i for i in range(27) if i != 26]
     for e in finished:
         assert e["worker"] and e["compute"] > 0 and e["read"] >= 0 and e["write"] >= 0
+        # when the worker's write returned, by its clock: before the client heard of it
+        assert started["time"] - 1 < e["written"] <= e["time"] + 1
         assert e["index"] == list(np.unravel_index(e["block"], (3, 3, 3)))
     failed = [e for e in events if e["event"] == "block_failed"]
     assert [(e["block"], e["final"]) for e in failed] == [(26, False), (26, True)]

@@ -20,7 +20,7 @@ import torch
 from funlib.geometry import Coordinate
 
 from .architectures import WrappedArchitecture
-from .environment import ALLOCATOR_ENV
+from .environment import ALLOCATOR_ENV, START_VARS, allocator_environment
 from .model import Model
 
 
@@ -48,10 +48,20 @@ def sleep_model(ms: float = 100.0, size: int = 108, context: int = 16) -> Model:
     return Model(arch, torch.nn.Identity())
 
 
-def _env(kept: bool) -> dict[str, str]:
-    """This process's environment with glibc's pages kept, or glibc's defaults."""
-    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
-    return {**env, **ALLOCATOR_ENV} if kept else env
+def allocators() -> dict[str, dict[str, str]]:
+    """The allocator settings the CPU limit tries: glibc's defaults, glibc keeping its
+    pages, and what CPU workers run where that differs (mimalloc preloaded)."""
+    settings = {"default": {}, "pages kept": dict(ALLOCATOR_ENV)}
+    workers = allocator_environment()
+    if workers != ALLOCATOR_ENV:
+        settings["mimalloc"] = workers
+    return settings
+
+
+def _env(allocator: dict[str, str]) -> dict[str, str]:
+    """This process's environment with ``allocator``'s variables and no other allocator's."""
+    env = {k: v for k, v in os.environ.items() if k not in START_VARS}
+    return {**env, **allocator}
 
 
 def _json_of(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
@@ -94,16 +104,16 @@ def limit(
     model: dict[str, Any], blocks: int, block_voxels: int, cores: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Bare forwards on a preloaded tensor, ``blocks`` in all: on the CPU the best of
-    (core layout x allocator), on a GPU the best of batch sizes 1 and ``GPU_BATCH``,
-    each run as it is and as a CUDA graph (one process)."""
+    (core layout x allocator, see ``allocators``), on a GPU the best of batch sizes 1 and
+    ``GPU_BATCH``, each run as it is and as a CUDA graph (one process)."""
+    settings = allocators()
     if device == "cuda":
-        layouts = [(1, cores, b, False, g) for b in (1, GPU_BATCH) for g in ("eager", "graph")]
+        layouts = [(1, cores, b, "default", g) for b in (1, GPU_BATCH) for g in ("eager", "graph")]
     else:
-        layouts = [
-            (p, t, 1, kept, "eager") for kept in (False, True) for p, t in ((1, cores), (cores, 1))
-        ]
+        cpu = ((1, cores), (cores, 1))
+        layouts = [(p, t, 1, name, "eager") for name in settings for p, t in cpu]
     rows = []
-    for processes, threads, batch, kept, mode in layouts:
+    for processes, threads, batch, allocator, mode in layouts:
         per = math.ceil(blocks / processes / batch)  # forwards per process
         argv = [json.dumps(model), str(threads), str(per), str(batch), device, mode]
         procs = [
@@ -111,7 +121,7 @@ def limit(
                 [sys.executable, "-c", BARE, *argv],
                 stdout=subprocess.PIPE,
                 text=True,
-                env=_env(kept),
+                env=_env(settings[allocator]),
             )
             for _ in range(processes)
         ]
@@ -121,7 +131,7 @@ def limit(
                 "layout": f"{processes} x {threads} thread(s)"
                 if device == "cpu"
                 else f"1 process, batch {batch}" + (", CUDA graph" if mode == "graph" else ""),
-                "allocator": "pages kept" if kept else "default",
+                "allocator": allocator,
                 "voxels_per_s": per * batch * processes * block_voxels / seconds,
             }
         )
@@ -161,15 +171,17 @@ info = prepare_output(describe_output(plan, naive, p.num_out_channels, p.input.a
 reader, writer = BlockReader(p.input, w.input.normalize), BlockWriter(info)
 device = sys.argv[2]
 model = build_model(w.model).eval().to(device)
-t1 = time.perf_counter()
 with torch.no_grad():
     for i in range(plan.num_blocks):
         b = plan.block(i)
         y = model(torch.from_numpy(reader.read(b.read_roi))[None].to(device)).cpu().numpy()[0]
         crop = tuple(slice(0, s) for s in b.write_roi.shape / plan.output_voxel_size)
         writer.write(b.write_roi, y[(slice(None), *crop)])
+        if i == 0:  # its first block warmed it up (the limit leaves that forward untimed)
+            t1 = time.perf_counter()
 t2 = time.perf_counter()
-print(json.dumps({"wall_s": t2 - t0, "steady_s": t2 - t1}))
+steady = (t2 - t1) * plan.num_blocks / max(1, plan.num_blocks - 1)
+print(json.dumps({"wall_s": t2 - t0, "steady_s": steady}))
 """
 
 DASK_ARRAY = """

@@ -150,7 +150,7 @@ class EventLog(RunObserver):
                 f'{{"time":{now},"event":"block_finished","block":{r.block_id},'
                 f'"index":[{",".join(map(str, index))}],"worker":{json.dumps(r.worker)},'
                 f'"read":{round(r.read, 4)},"compute":{round(r.compute, 4)},'
-                f'"write":{round(r.write, 4)}}}\n'
+                f'"write":{round(r.write, 4)},"written":{round(r.written, 3)}}}\n'
             )
         if time.monotonic() - self.first_buffered >= FLUSH_SECONDS:
             self.flush()

@@ -46,7 +46,8 @@ class Job:
 
 @dataclass(frozen=True)
 class BlockResult:
-    """Timings of one block in seconds, or the error that stopped it."""
+    """Timings of one block in seconds, or the error that stopped it, and when its write
+    returned (``written``: the worker's clock, seconds since the epoch)."""
 
     block_id: int
     read: float = 0.0
@@ -54,6 +55,7 @@ class BlockResult:
     write: float = 0.0
     worker: str = ""
     error: str | None = None
+    written: float = 0.0
 
 
 def describe(exception: BaseException) -> str:

@@ -118,6 +118,7 @@ class _Block:
     write: float = 0.0
     error: str | None = None
     done: bool = field(default=False)
+    written: float = 0.0  # time.time() when its write returned
     pending: Pending | None = None  # its batch's outputs, still coming from the device
 
 
@@ -349,16 +350,16 @@ class Pipeline:
             except Exception:  # write them one by one: only the culprit fails
                 pass
             else:
-                share = (time.perf_counter() - t0) / len(ready)
+                share, now = (time.perf_counter() - t0) / len(ready), time.time()
                 for b in ready:
-                    b.done, b.write = True, share
+                    b.done, b.write, b.written = True, share, now
         for block in blocks:
             if block.error is None and not block.done:
                 self.started(block.block_id)  # one at a time: each block's own clock
                 t0 = time.perf_counter()
                 try:
                     self.write(block.block_id, block.data)  # type: ignore[arg-type]
-                    block.done = True
+                    block.done, block.written = True, time.time()
                 except Exception as e:
                     block.error = describe(e)
                 block.write = time.perf_counter() - t0
@@ -369,4 +370,4 @@ class Pipeline:
     def _result(self, b: _Block) -> BlockResult:
         if b.error is not None:
             logger.warning("block %d failed: %s", b.block_id, b.error)
-        return BlockResult(b.block_id, b.read, b.compute, b.write, self.worker, b.error)
+        return BlockResult(b.block_id, b.read, b.compute, b.write, self.worker, b.error, b.written)
