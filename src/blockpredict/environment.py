@@ -22,21 +22,20 @@ the bit. glibc's variables stay set: they apply wherever the library cannot be p
 {LD_PRELOAD: ""}`` runs glibc. jemalloc with ``dirty_decay_ms:-1`` measured like glibc
 keeping its pages (0.55 s a forward) and is not a Python package.
 
-GPU workers keep the pages but not the single arena, and run glibc. Their forward's buffers live
-on the device, and their host work is reading, decoding and writing in several
-threads at once (the pipeline's I/O threads and zarrs' pool), which one arena
-serializes: on an H100 with 16 cores, a 108^3 block's read took 12 ms (p50) with
-``MALLOC_ARENA_MAX=1`` and 3.3 ms without, and the engine's steady rate went from
-0.30 to 0.41 of the bare forward. On the CPU under glibc the single arena stays: a non-main
-arena's heap is at most 64 MiB, so a forward in a thread of its own would mmap its
-large buffers again (a 108^3 forward's p50 took 1.8 s with one arena against
-2.6-3.1 s with 16, in the engine on 2 cores).
+GPU workers run glibc, keeping the pages but not the single arena (mimalloc was not
+measured on a GPU). Their forward's buffers live on the device, and their host work is
+reading, decoding and writing in several threads at once (the pipeline's I/O threads
+and zarrs' pool), which one arena serializes: on an H100 with 16 cores, a 108^3 block's
+read took 12 ms (p50) with ``MALLOC_ARENA_MAX=1`` and 3.3 ms without, and the engine's
+steady rate went from 0.30 to 0.41 of the bare forward. On the CPU under glibc the
+single arena stays: a non-main arena's heap is at most 64 MiB, so a forward in a thread
+of its own would mmap its large buffers again (a 108^3 forward's p50 took 1.8 s with
+one arena against 2.6-3.1 s with 16, in the engine on 2 cores).
 
-These variables must be set before the worker process starts, so local
-clusters get them through ``distributed.nanny.pre-spawn-environ`` (the warm start's
-forkserver as it starts), and batch
-jobs (workers and the driver) as ``export`` lines before the command.
-``cluster.worker_env`` adds to or overrides them.
+These variables must be set before the worker process starts, so local clusters get
+them through ``distributed.nanny.pre-spawn-environ`` (and the warm start's forkserver
+as it starts), and batch jobs (workers and the driver) as ``export`` lines before the
+command. ``cluster.worker_env`` adds to or overrides them.
 """
 
 from __future__ import annotations
