@@ -33,11 +33,19 @@ from blockpredict.build import build_model
 from blockpredict.cluster import connect, local_gpus
 from blockpredict.config import ClusterConfig, ModelConfig, load_workflow
 from blockpredict.forward import Forward
-from blockpredict.pipeline import Pending, landed
+from blockpredict.pipeline import Pending
 from blockpredict.precision import TOLERANCE
 from blockpredict.workflow import predict_workflow, prepare_workflow
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def landed(result: list[np.ndarray] | Pending) -> list[np.ndarray]:
+    """A forward's outputs once they are on the host (waiting for them if they are not)."""
+    if isinstance(result, Pending):
+        result.wait()
+        return result.outputs
+    return result
 
 
 def tf32_tolerance(expected: np.ndarray) -> float:

@@ -93,14 +93,6 @@ class Pending:
     wait: Callable[[], float]
 
 
-def landed(result: list[np.ndarray] | Pending) -> list[np.ndarray]:
-    """A forward's outputs once they are on the host (waiting for them if they are not)."""
-    if isinstance(result, Pending):
-        result.wait()
-        return result.outputs
-    return result
-
-
 ReadBlock = Callable[[int], np.ndarray]
 WriteBlock = Callable[[int, np.ndarray], None]
 ReadMany = Callable[[list[int]], list[np.ndarray]]
